@@ -1,0 +1,74 @@
+//! Names and `#[repr(C)]` layouts shared by the kernel data plane (`proxy-ebpf`) and the
+//! control plane (`proxy-userspace`). Each relayed connection has two *flows*, one per
+//! receiving socket; a flow is keyed by that socket's cookie (`SO_COOKIE`).
+#![no_std]
+
+/// Name of the `sk_skb/stream_verdict` program, as `bpftool prog show` lists it.
+pub const VERDICT_PROGRAM: &str = "relay_verdict";
+/// SOCKHASH of every relayed socket, keyed by socket cookie.
+pub const SOCKETS_MAP: &str = "RELAY_SOCKETS";
+/// Kernel-written per-flow counters ([`FlowState`]), keyed by the receiving socket's cookie.
+pub const FLOWS_MAP: &str = "RELAY_FLOWS";
+/// Userspace-written per-flow settings ([`FlowControl`]), keyed by the receiving socket's cookie.
+pub const CONTROLS_MAP: &str = "RELAY_CONTROLS";
+/// Ring buffer of cookies (u64) whose flow just paused: userspace must move its bytes.
+pub const PAUSES_MAP: &str = "RELAY_PAUSES";
+
+/// Read-only globals set at load time: offsets inside `struct tcp_sock`, read from the
+/// running kernel's BTF, so the program can see how much of a peer's queue is still unsent.
+pub const GLOBAL_WRITE_SEQ_OFFSET: &str = "TCP_WRITE_SEQ_OFFSET";
+pub const GLOBAL_SND_UNA_OFFSET: &str = "TCP_SND_UNA_OFFSET";
+pub const GLOBAL_BYTES_ACKED_OFFSET: &str = "TCP_BYTES_ACKED_OFFSET";
+/// Most bytes one flow may have redirected but not yet in the peer's TCP write queue.
+pub const GLOBAL_BACKLOG_LIMIT: &str = "FLOW_BACKLOG_LIMIT";
+
+/// Default for [`GLOBAL_BACKLOG_LIMIT`]: beyond this the flow pauses and the sender's
+/// receive window closes (the kernel itself never pushes back on redirected bytes).
+pub const DEFAULT_BACKLOG_LIMIT: u64 = 1 << 20;
+
+/// Capacity of the socket and flow maps: two entries per relayed connection.
+pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+/// Ring buffer size in bytes (a power of two, multiple of the page size).
+pub const PAUSES_RING_BYTES: u32 = 64 * 1024;
+
+/// What the kernel knows about one flow. Written only by the verdict program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// Bytes sent on to the peer socket's egress by the program.
+    pub redirected_bytes: u64,
+    /// Bytes left on this socket (SK_PASS) for userspace to move, because the flow was paused.
+    pub passed_bytes: u64,
+    /// `bpf_ktime_get_ns()` when the last byte arrived.
+    pub last_active_ns: u64,
+    /// Non-zero while every arriving byte is kept for userspace.
+    pub paused: u32,
+    /// How many times the flow paused.
+    pub pauses: u32,
+}
+
+/// What userspace tells the program about one flow. Written only by userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowControl {
+    /// Cookie of the socket this flow's bytes go to (the key in [`SOCKETS_MAP`]).
+    pub peer_cookie: u64,
+    /// The peer's queued total (bytes acked + SIOCOUTQ) when it joined the map, plus every
+    /// byte userspace wrote into it since. Redirected bytes not yet counted by the peer's
+    /// TCP stack are `this + redirected_bytes - (acked + outq)`.
+    pub peer_userspace_bytes: u64,
+    /// How many of [`FlowState::passed_bytes`] userspace has already written to the peer.
+    /// The program resumes redirecting only once this catches up, which keeps order.
+    pub drained_bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowState>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowControl>() == 24);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain #[repr(C)] integers with no padding (sizes asserted above).
+    unsafe impl aya::Pod for super::FlowState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowControl {}
+}

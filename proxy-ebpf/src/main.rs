@@ -1,0 +1,168 @@
+//! The kernel data plane: an `sk_skb/stream_verdict` program that sends every byte arriving
+//! on a relayed socket out of its peer socket, unless the peer is falling behind. Then the
+//! flow *pauses*: bytes stay on the receiving socket (SK_PASS), where they count against its
+//! receive buffer so TCP closes the sender's window, and userspace moves them in order until
+//! the peer catches up. The kernel itself never applies backpressure to redirected bytes.
+#![no_std]
+#![no_main]
+
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_map_lookup_elem, bpf_sk_release,
+        bpf_skc_to_tcp_sock,
+    },
+    macros::{map, stream_verdict},
+    maps::{HashMap, RingBuf, SockHash},
+    programs::SkBuffContext,
+};
+use proxy_common::{
+    DEFAULT_BACKLOG_LIMIT, DEFAULT_MAX_SOCKETS, FlowControl, FlowState, PAUSES_RING_BYTES,
+};
+
+#[map]
+static RELAY_SOCKETS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+#[map]
+static RELAY_FLOWS: HashMap<u64, FlowState> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+#[map]
+static RELAY_CONTROLS: HashMap<u64, FlowControl> =
+    HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+#[map]
+static RELAY_PAUSES: RingBuf = RingBuf::with_byte_size(PAUSES_RING_BYTES, 0);
+
+// Set by userspace at load time from the running kernel's BTF; read-only to the verifier,
+// which therefore sees them as constants and checks each field access against BTF.
+#[unsafe(no_mangle)]
+static TCP_WRITE_SEQ_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SND_UNA_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_BYTES_ACKED_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static FLOW_BACKLOG_LIMIT: u64 = DEFAULT_BACKLOG_LIMIT;
+
+#[stream_verdict]
+fn relay_verdict(ctx: SkBuffContext) -> u32 {
+    // A socket without flow entries is not (or no longer) relayed by us: keep its bytes on
+    // the socket for userspace (SK_PASS) rather than drop bytes TCP has already acknowledged.
+    try_relay_verdict(&ctx).unwrap_or(SK_PASS)
+}
+
+fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
+    // SAFETY: the helper only reads the skb's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let flow = RELAY_FLOWS.get_ptr_mut(&cookie).ok_or(())?;
+    // SAFETY: map values live until deleted; the program runs under the socket's lock, so
+    // nothing else writes this flow's state meanwhile.
+    let flow = unsafe { &mut *flow };
+    // SAFETY: read-only view of a userspace-owned value.
+    let control = unsafe { RELAY_CONTROLS.get(&cookie) }.ok_or(())?;
+    let len = u64::from(ctx.len());
+    if len == 0 {
+        // A bare FIN reaches the verdict as an empty skb. Redirected, the peer's backlog
+        // worker sends zero bytes, takes that for a broken pipe and fails the peer (EPIPE).
+        // The FIN itself is already recorded in the socket state; dropping loses no byte.
+        return Ok(SK_DROP);
+    }
+    // SAFETY: no arguments.
+    flow.last_active_ns = unsafe { bpf_ktime_get_coarse_ns() };
+
+    let limit = unsafe { ptr::read_volatile(&FLOW_BACKLOG_LIMIT) };
+    if flow.paused != 0 {
+        // Resume only when userspace has written out every byte kept here, so redirected
+        // bytes can never overtake them, and only when the peer has room again.
+        let caught_up = control.drained_bytes == flow.passed_bytes;
+        if !caught_up || !peer_backlog(control, flow).is_some_and(|b| b < limit / 2) {
+            if caught_up {
+                // Userspace believes it is done: tell it there is more.
+                notify_paused(cookie);
+            }
+            flow.passed_bytes += len;
+            return Ok(SK_PASS);
+        }
+        flow.paused = 0;
+    } else if !peer_backlog(control, flow).is_some_and(|b| b < limit) {
+        return Ok(pause(cookie, flow, len));
+    }
+
+    let verdict = RELAY_SOCKETS.redirect_skb(ctx, control.peer_cookie, 0) as u32;
+    if verdict == SK_DROP {
+        // The peer left the map (teardown) between the check and the redirect.
+        return Ok(pause(cookie, flow, len));
+    }
+    flow.redirected_bytes += len;
+    Ok(verdict)
+}
+
+fn pause(cookie: u64, flow: &mut FlowState, len: u64) -> u32 {
+    flow.paused = 1;
+    flow.pauses = flow.pauses.wrapping_add(1);
+    flow.passed_bytes += len;
+    notify_paused(cookie);
+    SK_PASS
+}
+
+fn notify_paused(cookie: u64) {
+    // A full ring only delays the move: userspace also audits paused flows on a timer.
+    let _ = RELAY_PAUSES.output::<u64>(&cookie, 0);
+}
+
+/// Bytes redirected towards the peer that its TCP stack has not queued yet (they wait in
+/// the peer's redirect backlog, which the kernel does not bound). `None` if the peer is not
+/// in the map.
+fn peer_backlog(control: &FlowControl, flow: &FlowState) -> Option<u64> {
+    let peer_cookie = control.peer_cookie;
+    // SAFETY: a lookup in a SOCKHASH returns a referenced socket or null; released below.
+    let sk = unsafe {
+        bpf_map_lookup_elem(
+            ptr::from_ref(&RELAY_SOCKETS).cast_mut().cast(),
+            ptr::from_ref(&peer_cookie).cast(),
+        )
+    };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: sk is a valid socket reference; the cast checks it is TCP.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>();
+    let queued = if tp.is_null() {
+        None
+    } else {
+        // SAFETY: offsets come from this kernel's BTF; the verifier checks each access.
+        unsafe {
+            let write_seq = read_field::<u32>(tp, &TCP_WRITE_SEQ_OFFSET);
+            let snd_una = read_field::<u32>(tp, &TCP_SND_UNA_OFFSET);
+            let acked = read_field::<u64>(tp, &TCP_BYTES_ACKED_OFFSET);
+            Some(acked + u64::from(write_seq.wrapping_sub(snd_una)))
+        }
+    };
+    // SAFETY: releases the reference taken by the lookup.
+    unsafe { bpf_sk_release(sk) };
+    let expected = control.peer_userspace_bytes + flow.redirected_bytes;
+    Some(expected.saturating_sub(queued?))
+}
+
+/// # Safety
+/// `base` must point to a `struct tcp_sock` and `*offset` be the offset of a `T` field.
+unsafe fn read_field<T>(base: *const u8, offset: &u32) -> T {
+    // SAFETY: per the function contract.
+    unsafe {
+        let offset = ptr::read_volatile(offset) as usize;
+        ptr::read_volatile(base.add(offset).cast::<T>())
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+

@@ -1,0 +1,165 @@
+//! The three ways a connection's bytes can move, behind one connection lifecycle:
+//! `kernel` (sockhash + verdict program), `splice` (splice(2) through a pipe) and `copy`
+//! (userspace buffers). Each carries half-closes (EOF becomes shutdown(SHUT_WR) on the other
+//! side once everything before it is delivered) and resets (a reset side makes the relay
+//! reset the other), and buffers a bounded amount per connection.
+
+mod copy;
+mod splice;
+
+use std::{io, os::fd::AsRawFd, sync::Arc};
+
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use crate::{kernel::KernelDataPlane, sys};
+
+/// Which data plane the operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataPlaneChoice {
+    /// kernel when the eBPF program loads, otherwise splice
+    Auto,
+    /// sockhash + sk_skb verdict program: bytes never reach userspace
+    Kernel,
+    /// splice(2) through a pipe: no copy, but a wakeup per chunk
+    Splice,
+    /// plain userspace buffers
+    Copy,
+}
+
+/// The data plane in use, after `auto` was resolved at start.
+#[derive(Clone)]
+pub enum DataPlane {
+    Kernel(Arc<KernelDataPlane>),
+    Splice,
+    Copy,
+}
+
+impl DataPlane {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Kernel(_) => "kernel",
+            Self::Splice => "splice",
+            Self::Copy => "copy",
+        }
+    }
+
+    /// Relays one connection until both directions are done or one side resets.
+    pub async fn relay(&self, client: TcpStream, upstream: TcpStream) -> Result<Transfer, FlowError> {
+        match self {
+            Self::Copy => relay_userspace(client, upstream, false).await,
+            Self::Splice => relay_userspace(client, upstream, true).await,
+            Self::Kernel(kernel) => {
+                let client = client.into_std().map_err(FlowError::Client)?;
+                let upstream = upstream.into_std().map_err(FlowError::Upstream)?;
+                match kernel.relay(client, upstream).await {
+                    Ok(result) => result,
+                    Err(declined) => {
+                        let Some((client, upstream)) = declined.sockets else {
+                            warn!("connection dropped: kernel data plane declined it and its sockets could not be duplicated: {}", declined.reason);
+                            return Err(FlowError::Client(io::Error::other(declined.reason)));
+                        };
+                        debug!("relaying in userspace (splice): {}", declined.reason);
+                        let client = TcpStream::from_std(client).map_err(FlowError::Client)?;
+                        let upstream = TcpStream::from_std(upstream).map_err(FlowError::Upstream)?;
+                        relay_userspace(client, upstream, true).await
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bytes delivered in each direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transfer {
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+}
+
+/// A connection that ended with a reset or socket error, named by the side that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    #[error("client side: {0}")]
+    Client(io::Error),
+    #[error("upstream side: {0}")]
+    Upstream(io::Error),
+}
+
+impl FlowError {
+    /// The side that did not fail learns of it the way TCP says it: a reset.
+    pub fn propagate_reset(&self, client: &impl AsRawFd, upstream: &impl AsRawFd) {
+        let other: &dyn AsRawFd = match self {
+            Self::Client(_) => upstream,
+            Self::Upstream(_) => client,
+        };
+        // Best effort: the socket is closed right after either way.
+        let _ = sys::set_linger_zero(&other.as_raw_fd());
+    }
+}
+
+/// Whether a direction failed reading its source or writing its destination.
+enum DirectionError {
+    Source(io::Error),
+    Destination(io::Error),
+}
+
+async fn relay_userspace(
+    client: TcpStream,
+    upstream: TcpStream,
+    zero_copy: bool,
+) -> Result<Transfer, FlowError> {
+    let (to_upstream, to_client) = if zero_copy {
+        (
+            splice::forward(&client, &upstream).await_boxed(),
+            splice::forward(&upstream, &client).await_boxed(),
+        )
+    } else {
+        (
+            copy::forward(&client, &upstream).await_boxed(),
+            copy::forward(&upstream, &client).await_boxed(),
+        )
+    };
+    let result = run_both(to_upstream, to_client).await;
+    if let Err(e) = &result {
+        e.propagate_reset(&client, &upstream);
+    }
+    result
+}
+
+type DirectionFuture<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<u64, DirectionError>> + Send + 'a>>;
+
+trait Boxed<'a> {
+    fn await_boxed(self) -> DirectionFuture<'a>;
+}
+
+impl<'a, F: Future<Output = Result<u64, DirectionError>> + Send + 'a> Boxed<'a> for F {
+    fn await_boxed(self) -> DirectionFuture<'a> {
+        Box::pin(self)
+    }
+}
+
+/// Drives both directions; the first failure ends the connection.
+async fn run_both(
+    mut to_upstream: DirectionFuture<'_>,
+    mut to_client: DirectionFuture<'_>,
+) -> Result<Transfer, FlowError> {
+    let mut transfer = Transfer::default();
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut to_upstream, if !up_done => match r {
+                Ok(n) => { transfer.client_to_upstream = n; up_done = true; }
+                Err(DirectionError::Source(e)) => return Err(FlowError::Client(e)),
+                Err(DirectionError::Destination(e)) => return Err(FlowError::Upstream(e)),
+            },
+            r = &mut to_client, if !down_done => match r {
+                Ok(n) => { transfer.upstream_to_client = n; down_done = true; }
+                Err(DirectionError::Source(e)) => return Err(FlowError::Upstream(e)),
+                Err(DirectionError::Destination(e)) => return Err(FlowError::Client(e)),
+            },
+        }
+    }
+    Ok(transfer)
+}

@@ -1,0 +1,41 @@
+//! splice(2): socket to pipe to socket, pages moved by the kernel, readiness from tokio.
+
+use std::io;
+
+use tokio::{io::Interest, net::TcpStream};
+
+use super::DirectionError;
+use crate::sys;
+
+/// Largest chunk moved per splice; the pipe's default capacity (16 pages) bounds it anyway.
+const CHUNK: usize = 64 * 1024;
+
+/// Forwards `from` to `to` until EOF, then shuts `to`'s write side. Returns bytes moved.
+pub async fn forward(from: &TcpStream, to: &TcpStream) -> Result<u64, DirectionError> {
+    let (pipe_read, pipe_write) = sys::pipe().map_err(DirectionError::Source)?;
+    let mut total = 0u64;
+    loop {
+        // The pipe is always empty here, so EAGAIN can only mean "socket has nothing".
+        let n = from
+            .async_io(Interest::READABLE, || sys::splice(from, &pipe_write, CHUNK))
+            .await
+            .map_err(DirectionError::Source)?;
+        if n == 0 {
+            break;
+        }
+        let mut in_pipe = n;
+        while in_pipe > 0 {
+            let moved = to
+                .async_io(Interest::WRITABLE, || sys::splice(&pipe_read, to, in_pipe))
+                .await
+                .map_err(DirectionError::Destination)?;
+            if moved == 0 {
+                return Err(DirectionError::Destination(io::ErrorKind::WriteZero.into()));
+            }
+            in_pipe -= moved;
+        }
+        total += n as u64;
+    }
+    sys::shutdown_write(to).map_err(DirectionError::Destination)?;
+    Ok(total)
+}

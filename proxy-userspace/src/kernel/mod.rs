@@ -1,0 +1,178 @@
+//! The kernel data plane: loads the verdict program, owns its maps, and relays each
+//! connection by putting both sockets into the sockhash (see `relay.rs` for the lifecycle).
+
+mod btf;
+mod relay;
+mod watcher;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, RingBuf, SockHash},
+    programs::{ProgramError, SkSkb},
+};
+use proxy_common::{
+    CONTROLS_MAP, DEFAULT_BACKLOG_LIMIT, FLOWS_MAP, FlowControl, FlowState,
+    GLOBAL_BACKLOG_LIMIT, GLOBAL_BYTES_ACKED_OFFSET, GLOBAL_SND_UNA_OFFSET,
+    GLOBAL_WRITE_SEQ_OFFSET, PAUSES_MAP, SOCKETS_MAP, VERDICT_PROGRAM,
+};
+use tokio::io::unix::AsyncFd;
+use tracing::warn;
+
+pub use btf::{Btf, BtfError};
+pub use relay::{Declined, KernelRelayError};
+use watcher::SocketWatcher;
+
+/// The object `cargo xtask build` compiled from proxy-ebpf, when this binary embeds one.
+#[cfg(embedded_bpf)]
+const OBJECT: Option<&[u8]> = {
+    #[repr(C, align(8))]
+    struct Aligned<T: ?Sized>(T);
+    static BYTES: &Aligned<[u8]> = &Aligned(*include_bytes!(env!("PROXY_EBPF_OBJECT_PATH")));
+    Some(&BYTES.0)
+};
+#[cfg(not(embedded_bpf))]
+const OBJECT: Option<&[u8]> = None;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelLoadError {
+    #[error(
+        "this binary was built without the eBPF object (plain cargo build); build it with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("not allowed to load eBPF programs: run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON ({0})")]
+    NotPermitted(String),
+    #[error("cannot find tcp_sock field offsets in the kernel's BTF: {0}")]
+    Btf(#[from] BtfError),
+    #[error("loading the eBPF object failed: {0}")]
+    Object(#[from] aya::EbpfError),
+    #[error("the kernel rejected the {VERDICT_PROGRAM} program: {0:#}")]
+    Program(#[from] ProgramError),
+    #[error("eBPF map {name} is unusable: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("cannot watch relayed sockets: {0}")]
+    Watcher(#[from] std::io::Error),
+}
+
+/// Per-flow maps, guarded together because aya's map calls take `&mut self`.
+struct FlowMaps {
+    sockets: SockHash<MapData, u64>,
+    flows: HashMap<MapData, u64, FlowState>,
+    controls: HashMap<MapData, u64, FlowControl>,
+}
+
+pub struct KernelDataPlane {
+    maps: Mutex<FlowMaps>,
+    watcher: Arc<SocketWatcher>,
+    // Dropping the Ebpf detaches the program and frees the maps: it lives as long as we do.
+    _ebpf: Ebpf,
+}
+
+impl KernelDataPlane {
+    /// Loads and attaches the verdict program, then starts the tasks that dispatch socket
+    /// and pause events. Must be called inside a tokio runtime.
+    pub fn load(max_sockets: u32) -> Result<Arc<Self>, KernelLoadError> {
+        let object = OBJECT.ok_or(KernelLoadError::NoObject)?;
+        let btf = Btf::from_kernel()?;
+        let write_seq = btf.member_offset("tcp_sock", "write_seq")?;
+        let snd_una = btf.member_offset("tcp_sock", "snd_una")?;
+        let bytes_acked = btf.member_offset("tcp_sock", "bytes_acked")?;
+        let backlog_limit = DEFAULT_BACKLOG_LIMIT;
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_WRITE_SEQ_OFFSET, &write_seq, true)
+            .override_global(GLOBAL_SND_UNA_OFFSET, &snd_una, true)
+            .override_global(GLOBAL_BYTES_ACKED_OFFSET, &bytes_acked, true)
+            .override_global(GLOBAL_BACKLOG_LIMIT, &backlog_limit, true)
+            .map_max_entries(SOCKETS_MAP, max_sockets)
+            .map_max_entries(FLOWS_MAP, max_sockets)
+            .map_max_entries(CONTROLS_MAP, max_sockets)
+            .load(object)
+            .map_err(classify_load_error)?;
+
+        let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, SOCKETS_MAP)?;
+        let flows = take_map(&mut ebpf, FLOWS_MAP)?;
+        let controls = take_map(&mut ebpf, CONTROLS_MAP)?;
+        let pauses: RingBuf<MapData> = take_map(&mut ebpf, PAUSES_MAP)?;
+
+        let program: &mut SkSkb = ebpf
+            .program_mut(VERDICT_PROGRAM)
+            .ok_or(KernelLoadError::Missing(VERDICT_PROGRAM))?
+            .try_into()?;
+        program.load()?;
+        // Attach before any socket joins the map, so no socket ever runs without a verdict.
+        program.attach(sockets.fd())?;
+
+        let watcher = Arc::new(SocketWatcher::new()?);
+        // SAFETY: the ring's fd belongs to the RingBuf, which the AsyncFd owns until it drops.
+        let pauses = unsafe { AsyncFd::register(pauses) }.map_err(std::io::Error::from)?;
+        tokio::spawn(dispatch_socket_events(Arc::clone(&watcher)));
+        tokio::spawn(dispatch_pauses(pauses, Arc::clone(&watcher)));
+
+        Ok(Arc::new(Self {
+            maps: Mutex::new(FlowMaps {
+                sockets,
+                flows,
+                controls,
+            }),
+            watcher,
+            _ebpf: ebpf,
+        }))
+    }
+
+    fn maps(&self) -> MutexGuard<'_, FlowMaps> {
+        // Map handles stay valid whatever a panicking holder was doing.
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Entries currently in the socket map: what leak checks compare against zero.
+    pub fn socket_entries(&self) -> usize {
+        self.maps().sockets.keys().filter(Result::is_ok).count()
+    }
+}
+
+fn classify_load_error(e: aya::EbpfError) -> KernelLoadError {
+    let text = format!("{e:#}");
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        KernelLoadError::NotPermitted(text)
+    } else {
+        KernelLoadError::Object(e)
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelLoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(KernelLoadError::Missing(name))?;
+    T::try_from(map).map_err(|source| KernelLoadError::Map { name, source })
+}
+
+async fn dispatch_socket_events(watcher: Arc<SocketWatcher>) {
+    if let Err(e) = watcher.run().await {
+        warn!("kernel-mode socket watcher stopped: {e}");
+    }
+}
+
+async fn dispatch_pauses(mut pauses: AsyncFd<RingBuf<MapData>>, watcher: Arc<SocketWatcher>) {
+    loop {
+        let mut guard = match pauses.readable_mut().await {
+            Ok(guard) => guard,
+            Err(e) => {
+                warn!("pause notifications stopped: {e}");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            let Ok(cookie) = <[u8; 8]>::try_from(&item[..]) else { continue };
+            if let Some(signals) = watcher.signals(u64::from_ne_bytes(cookie)) {
+                signals.raise_paused();
+            }
+        }
+        guard.clear_ready();
+    }
+}

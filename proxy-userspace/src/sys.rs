@@ -1,0 +1,154 @@
+//! Thin, checked wrappers over the socket calls the data planes need and std does not offer.
+
+use std::{
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+};
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret as usize) }
+}
+
+fn setsockopt<T>(fd: &impl AsRawFd, level: i32, name: i32, value: &T) -> io::Result<()> {
+    // SAFETY: value points to a live T of the given size.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// The kernel's identifier for a socket, the same value `bpf_get_socket_cookie()` returns.
+pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for the kernel to write.
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(cookie)
+}
+
+/// Setting SO_RCVLOWAT runs the socket's data-ready callback (tcp_set_rcvlowat), which makes
+/// a socket just added to the sockhash hand bytes that arrived earlier to the verdict program.
+pub fn kick_receive_queue(fd: &impl AsRawFd) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &1 as &libc::c_int)
+}
+
+/// A zero linger time makes close() send RST: how a reset travels to the other side.
+pub fn set_linger_zero(fd: &impl AsRawFd) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger)
+}
+
+pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor we own.
+    check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
+}
+
+/// Bytes the socket's TCP stack has taken for sending so far: acknowledged plus still in the
+/// write queue (SIOCOUTQ). Read in that order so concurrent progress can only make the sum
+/// smaller than the truth, never larger.
+pub fn queued_total(fd: &impl AsRawFd) -> io::Result<u64> {
+    let acked = tcp_info(fd)?.bytes_acked;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: outq is valid for the kernel to write.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) })?;
+    Ok(acked + outq as u64)
+}
+
+pub struct TcpInfo {
+    pub state: u8,
+    pub bytes_acked: u64,
+}
+
+/// TCP_ESTABLISHED from include/net/tcp_states.h.
+pub const TCP_ESTABLISHED: u8 = 1;
+
+pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
+    // struct tcp_info is append-only; tcpi_bytes_acked has sat at byte 120 since Linux 4.1.
+    const BYTES_ACKED_AT: usize = 120;
+    let mut raw = [0u8; 256];
+    let mut len = raw.len() as libc::socklen_t;
+    // SAFETY: raw and len are valid for the kernel to write.
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            raw.as_mut_ptr().cast(),
+            &mut len,
+        )
+    })?;
+    if (len as usize) < BYTES_ACKED_AT + 8 {
+        return Err(io::Error::other("kernel tcp_info too short for tcpi_bytes_acked"));
+    }
+    let acked: [u8; 8] = raw[BYTES_ACKED_AT..BYTES_ACKED_AT + 8].try_into().expect("8 bytes");
+    Ok(TcpInfo {
+        state: raw[0],
+        bytes_acked: u64::from_ne_bytes(acked),
+    })
+}
+
+/// Non-blocking recv: Ok(0) is end of stream, WouldBlock means nothing queued now.
+pub fn recv_nonblocking(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of its length.
+    check_size(unsafe {
+        libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+    })
+}
+
+pub fn send_nonblocking(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for reads of its length.
+    check_size(unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })
+}
+
+/// A non-blocking pipe, the buffer splice(2) moves pages through.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: fds is valid for two descriptors.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 just returned these two descriptors to us.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Moves up to `len` bytes between descriptors without copying through userspace.
+pub fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain syscall on descriptors we own; null offsets mean "current position".
+    check_size(unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    })
+}
