@@ -11,7 +11,7 @@ pub const SOCKETS_MAP: &str = "RELAY_SOCKETS";
 pub const FLOWS_MAP: &str = "RELAY_FLOWS";
 /// Userspace-written per-flow settings ([`FlowControl`]), keyed by the receiving socket's cookie.
 pub const CONTROLS_MAP: &str = "RELAY_CONTROLS";
-/// Ring buffer of cookies (u64) whose flow just paused: userspace must move its bytes.
+/// Ring buffer of cookies (u64) whose flow needs userspace: throttled or detached.
 pub const PAUSES_MAP: &str = "RELAY_PAUSES";
 
 /// Read-only globals set at load time: offsets inside `struct tcp_sock`, read from the
@@ -22,9 +22,9 @@ pub const GLOBAL_BYTES_ACKED_OFFSET: &str = "TCP_BYTES_ACKED_OFFSET";
 /// Most bytes one flow may have redirected but not yet in the peer's TCP write queue.
 pub const GLOBAL_BACKLOG_LIMIT: &str = "FLOW_BACKLOG_LIMIT";
 
-/// Default for [`GLOBAL_BACKLOG_LIMIT`]: beyond this the flow pauses and the sender's
-/// receive window closes (the kernel itself never pushes back on redirected bytes).
-pub const DEFAULT_BACKLOG_LIMIT: u64 = 1 << 20;
+/// Default for [`GLOBAL_BACKLOG_LIMIT`]: beyond this userspace clamps the sending socket's
+/// receive window until the backlog halves (the kernel never pushes back on redirects).
+pub const DEFAULT_BACKLOG_LIMIT: u64 = 4 << 20;
 
 /// Capacity of the socket and flow maps: two entries per relayed connection.
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
@@ -37,14 +37,16 @@ pub const PAUSES_RING_BYTES: u32 = 64 * 1024;
 pub struct FlowState {
     /// Bytes sent on to the peer socket's egress by the program.
     pub redirected_bytes: u64,
-    /// Bytes left on this socket (SK_PASS) for userspace to move, because the flow was paused.
+    /// Bytes left on this socket (SK_PASS) for userspace, once the flow is detached.
     pub passed_bytes: u64,
-    /// `bpf_ktime_get_ns()` when the last byte arrived.
+    /// `bpf_ktime_get_coarse_ns()` when the last byte arrived.
     pub last_active_ns: u64,
-    /// Non-zero while every arriving byte is kept for userspace.
-    pub paused: u32,
-    /// How many times the flow paused.
-    pub pauses: u32,
+    /// Non-zero once a redirect failed (peer not in the map): from then on every byte is
+    /// kept for userspace, so order holds without any handover.
+    pub detached: u32,
+    /// How many times the peer's backlog crossed the limit. While this differs from
+    /// [`FlowControl::throttle_releases`], userspace holds the sender back.
+    pub throttles: u32,
 }
 
 /// What userspace tells the program about one flow. Written only by userspace.
@@ -57,9 +59,9 @@ pub struct FlowControl {
     /// byte userspace wrote into it since. Redirected bytes not yet counted by the peer's
     /// TCP stack are `this + redirected_bytes - (acked + outq)`.
     pub peer_userspace_bytes: u64,
-    /// How many of [`FlowState::passed_bytes`] userspace has already written to the peer.
-    /// The program resumes redirecting only once this catches up, which keeps order.
-    pub drained_bytes: u64,
+    /// The [`FlowState::throttles`] value userspace last released.
+    pub throttle_releases: u32,
+    pub _padding: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<FlowState>() == 32);

@@ -1,8 +1,9 @@
 //! The kernel data plane: an `sk_skb/stream_verdict` program that sends every byte arriving
-//! on a relayed socket out of its peer socket, unless the peer is falling behind. Then the
-//! flow *pauses*: bytes stay on the receiving socket (SK_PASS), where they count against its
-//! receive buffer so TCP closes the sender's window, and userspace moves them in order until
-//! the peer catches up. The kernel itself never applies backpressure to redirected bytes.
+//! on a relayed socket out of its peer socket. The kernel never pushes back on redirected
+//! bytes, so the program watches the peer's backlog (redirected, not yet in its TCP write
+//! queue) and tells userspace when it crosses a limit; userspace then clamps the sender's
+//! TCP window until the backlog drains. If the peer is not in the map the flow *detaches*:
+//! every byte from then on stays on the receiving socket (SK_PASS) for userspace to move.
 #![no_std]
 #![no_main]
 
@@ -71,44 +72,39 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
     }
     // SAFETY: no arguments.
     flow.last_active_ns = unsafe { bpf_ktime_get_coarse_ns() };
-
-    let limit = unsafe { ptr::read_volatile(&FLOW_BACKLOG_LIMIT) };
-    if flow.paused != 0 {
-        // Resume only when userspace has written out every byte kept here, so redirected
-        // bytes can never overtake them, and only when the peer has room again.
-        let caught_up = control.drained_bytes == flow.passed_bytes;
-        if !caught_up || !peer_backlog(control, flow).is_some_and(|b| b < limit / 2) {
-            if caught_up {
-                // Userspace believes it is done: tell it there is more.
-                notify_paused(cookie);
-            }
-            flow.passed_bytes += len;
-            return Ok(SK_PASS);
-        }
-        flow.paused = 0;
-    } else if !peer_backlog(control, flow).is_some_and(|b| b < limit) {
-        return Ok(pause(cookie, flow, len));
+    if flow.detached != 0 {
+        flow.passed_bytes += len;
+        return Ok(SK_PASS);
     }
-
+    let Some(backlog) = peer_backlog(control, flow) else {
+        return Ok(detach(cookie, flow, len));
+    };
+    // SAFETY: a read-only global.
+    let limit = unsafe { ptr::read_volatile(&FLOW_BACKLOG_LIMIT) };
+    if backlog >= limit && flow.throttles == control.throttle_releases {
+        // Once per crossing: userspace acknowledges by releasing this throttle.
+        flow.throttles = flow.throttles.wrapping_add(1);
+        notify(cookie);
+    }
     let verdict = RELAY_SOCKETS.redirect_skb(ctx, control.peer_cookie, 0) as u32;
     if verdict == SK_DROP {
-        // The peer left the map (teardown) between the check and the redirect.
-        return Ok(pause(cookie, flow, len));
+        // The peer left the map between the lookup and the redirect.
+        return Ok(detach(cookie, flow, len));
     }
     flow.redirected_bytes += len;
     Ok(verdict)
 }
 
-fn pause(cookie: u64, flow: &mut FlowState, len: u64) -> u32 {
-    flow.paused = 1;
-    flow.pauses = flow.pauses.wrapping_add(1);
+/// Keeps this and every later byte on the socket: a failed redirect would drop it.
+fn detach(cookie: u64, flow: &mut FlowState, len: u64) -> u32 {
+    flow.detached = 1;
     flow.passed_bytes += len;
-    notify_paused(cookie);
+    notify(cookie);
     SK_PASS
 }
 
-fn notify_paused(cookie: u64) {
-    // A full ring only delays the move: userspace also audits paused flows on a timer.
+fn notify(cookie: u64) {
+    // A full ring only delays userspace: connections also re-read their flows on a timer.
     let _ = RELAY_PAUSES.output::<u64>(&cookie, 0);
 }
 

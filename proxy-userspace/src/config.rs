@@ -107,7 +107,9 @@ impl FromStr for Upstream {
         if host.is_empty() || host.chars().any(char::is_whitespace) {
             return Err(bad());
         }
-        let port: u16 = port.parse().map_err(|_| ForwardError::BadPort(s.to_owned()))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| ForwardError::BadPort(s.to_owned()))?;
         if port == 0 {
             return Err(ForwardError::BadPort(s.to_owned()));
         }
@@ -119,7 +121,9 @@ impl FromStr for Upstream {
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !(secs > 0.0 && secs <= 3600.0) {
         return Err(format!("{s} must be more than 0 and at most 3600 seconds"));
     }
@@ -134,7 +138,13 @@ mod tests {
     fn parses_forward_rules() {
         let f: Forward = "0.0.0.0:5222=g.example.net:5222".parse().unwrap();
         assert_eq!(f.listen, "0.0.0.0:5222".parse().unwrap());
-        assert_eq!(f.upstream, Upstream { host: "g.example.net".into(), port: 5222 });
+        assert_eq!(
+            f.upstream,
+            Upstream {
+                host: "g.example.net".into(),
+                port: 5222
+            }
+        );
         let f: Forward = "[::1]:80=[2001:db8::1]:8080".parse().unwrap();
         assert_eq!(f.listen, "[::1]:80".parse().unwrap());
         assert_eq!(f.upstream.host, "2001:db8::1");
@@ -145,13 +155,31 @@ mod tests {
     fn rejects_malformed_rules_with_the_reason() {
         let err = |s: &str| s.parse::<Forward>().unwrap_err();
         assert_eq!(err("127.0.0.1:80"), ForwardError::MissingEquals);
-        assert_eq!(err("localhost:80=a:1"), ForwardError::BadListen("localhost:80".into()));
-        assert_eq!(err("127.0.0.1=a:1"), ForwardError::BadListen("127.0.0.1".into()));
-        assert_eq!(err("127.0.0.1:80=example"), ForwardError::BadUpstream("example".into()));
-        assert_eq!(err("127.0.0.1:80=:80"), ForwardError::BadUpstream(":80".into()));
-        assert_eq!(err("127.0.0.1:80=::1:80"), ForwardError::BadUpstream("::1:80".into()));
+        assert_eq!(
+            err("localhost:80=a:1"),
+            ForwardError::BadListen("localhost:80".into())
+        );
+        assert_eq!(
+            err("127.0.0.1=a:1"),
+            ForwardError::BadListen("127.0.0.1".into())
+        );
+        assert_eq!(
+            err("127.0.0.1:80=example"),
+            ForwardError::BadUpstream("example".into())
+        );
+        assert_eq!(
+            err("127.0.0.1:80=:80"),
+            ForwardError::BadUpstream(":80".into())
+        );
+        assert_eq!(
+            err("127.0.0.1:80=::1:80"),
+            ForwardError::BadUpstream("::1:80".into())
+        );
         assert_eq!(err("127.0.0.1:80=a:0"), ForwardError::BadPort("a:0".into()));
-        assert_eq!(err("127.0.0.1:80=a:99999"), ForwardError::BadPort("a:99999".into()));
+        assert_eq!(
+            err("127.0.0.1:80=a:99999"),
+            ForwardError::BadPort("a:99999".into())
+        );
     }
 
     #[test]
@@ -160,10 +188,19 @@ mod tests {
         assert_eq!(c.dataplane, DataPlaneChoice::Auto);
         assert_eq!(c.connect_timeout, Duration::from_secs(5));
         assert!(Config::try_parse_from(["ebpf-proxy"]).is_err());
-        assert!(Config::try_parse_from(["ebpf-proxy", "--forward", "x", "--dataplane", "magic"]).is_err());
         assert!(
-            Config::try_parse_from(["ebpf-proxy", "--forward", "127.0.0.1:1=a:2", "--connect-timeout", "0"])
+            Config::try_parse_from(["ebpf-proxy", "--forward", "x", "--dataplane", "magic"])
                 .is_err()
+        );
+        assert!(
+            Config::try_parse_from([
+                "ebpf-proxy",
+                "--forward",
+                "127.0.0.1:1=a:2",
+                "--connect-timeout",
+                "0"
+            ])
+            .is_err()
         );
     }
 }

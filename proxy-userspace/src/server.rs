@@ -19,11 +19,17 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("cannot listen on {addr}: {source}{hint}", hint = bind_hint(source))]
-    Bind { addr: SocketAddr, source: io::Error },
-    #[error("upstream {upstream} does not resolve: {reason} (check the name, or use an IP address)")]
+    #[error("cannot listen on {addr}{hint}", hint = bind_hint(source))]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "upstream {upstream} does not resolve: {reason} (check the name, or use an IP address)"
+    )]
     Resolve { upstream: String, reason: String },
-    #[error("--dataplane kernel unavailable: {0}")]
+    #[error("--dataplane kernel unavailable")]
     Kernel(#[from] KernelLoadError),
 }
 
@@ -41,7 +47,9 @@ pub fn choose_data_plane(config: &Config) -> Result<DataPlane, RelayError> {
     match config.dataplane {
         DataPlaneChoice::Copy => Ok(DataPlane::Copy),
         DataPlaneChoice::Splice => Ok(DataPlane::Splice),
-        DataPlaneChoice::Kernel => Ok(DataPlane::Kernel(KernelDataPlane::load(config.max_sockets())?)),
+        DataPlaneChoice::Kernel => Ok(DataPlane::Kernel(KernelDataPlane::load(
+            config.max_sockets(),
+        )?)),
         DataPlaneChoice::Auto => match KernelDataPlane::load(config.max_sockets()) {
             Ok(kernel) => Ok(DataPlane::Kernel(kernel)),
             Err(e) => {
@@ -58,13 +66,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut listeners = Vec::with_capacity(config.forwards.len());
     for forward in &config.forwards {
         resolve(&forward.upstream).await?;
-        let listener = TcpListener::bind(forward.listen)
-            .await
-            .map_err(|source| RelayError::Bind { addr: forward.listen, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| RelayError::Bind { addr: forward.listen, source })?;
-        info!("listening on {addr} -> {} (dataplane {})", forward.upstream, plane.name());
+        let listener =
+            TcpListener::bind(forward.listen)
+                .await
+                .map_err(|source| RelayError::Bind {
+                    addr: forward.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| RelayError::Bind {
+            addr: forward.listen,
+            source,
+        })?;
+        info!(
+            "listening on {addr} -> {} (dataplane {})",
+            forward.upstream,
+            plane.name()
+        );
         listeners.push((listener, Arc::new(forward.upstream.clone())));
     }
 
@@ -80,7 +97,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         };
         accept_loops.spawn(accept_loop(listener, handler, Arc::clone(&limit)));
     }
-    let status = tokio::spawn(report_status_on_sigusr1(plane.clone(), Arc::clone(&limit), config.max_connections));
+    let status = tokio::spawn(report_status_on_sigusr1(
+        plane.clone(),
+        Arc::clone(&limit),
+        config.max_connections,
+    ));
 
     shutdown.await;
     info!("shutting down: closing listeners and connections");
@@ -94,7 +115,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 async fn resolve(upstream: &Upstream) -> Result<Vec<SocketAddr>, RelayError> {
-    let error = |reason: String| RelayError::Resolve { upstream: upstream.to_string(), reason };
+    let error = |reason: String| RelayError::Resolve {
+        upstream: upstream.to_string(),
+        reason,
+    };
     let addrs: Vec<_> = lookup_host((upstream.host.as_str(), upstream.port))
         .await
         .map_err(|e| error(e.to_string()))?
@@ -108,7 +132,9 @@ async fn resolve(upstream: &Upstream) -> Result<Vec<SocketAddr>, RelayError> {
 async fn accept_loop(listener: TcpListener, handler: Handler, limit: Arc<Semaphore>) {
     loop {
         // Wait for a free slot before accepting: excess clients queue in the kernel backlog.
-        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else { return };
+        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((client, _peer)) => {
                 let handler = handler.clone();
@@ -141,7 +167,10 @@ impl Handler {
         let upstream = match timeout(self.connect_timeout, connect(&self.upstream)).await {
             Ok(Ok(upstream)) => upstream,
             Ok(Err(e)) => {
-                warn!("upstream {} unreachable ({e}): closing the client", self.upstream);
+                warn!(
+                    "upstream {} unreachable ({e}): closing the client",
+                    self.upstream
+                );
                 return reset(client);
             }
             Err(_) => {
@@ -181,7 +210,9 @@ fn reset(client: TcpStream) {
 
 /// `kill -USR1 PID` logs one line an operator (or a test) can read.
 async fn report_status_on_sigusr1(plane: DataPlane, limit: Arc<Semaphore>, max: u32) {
-    let Ok(mut usr1) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) else {
+    let Ok(mut usr1) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+    else {
         return;
     };
     while usr1.recv().await.is_some() {
@@ -190,7 +221,9 @@ async fn report_status_on_sigusr1(plane: DataPlane, limit: Arc<Semaphore>, max: 
             DataPlane::Kernel(kernel) => kernel.socket_entries().to_string(),
             _ => "n/a".into(),
         };
-        let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
         info!("status: connections={connections} sockets_in_map={sockets} tasks={tasks}");
     }
 }

@@ -7,11 +7,19 @@ use std::{
 };
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret as usize) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
 }
 
 fn setsockopt<T>(fd: &impl AsRawFd, level: i32, name: i32, value: &T) -> io::Result<()> {
@@ -45,10 +53,46 @@ pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// Setting SO_RCVLOWAT runs the socket's data-ready callback (tcp_set_rcvlowat), which makes
-/// a socket just added to the sockhash hand bytes that arrived earlier to the verdict program.
-pub fn kick_receive_queue(fd: &impl AsRawFd) -> io::Result<()> {
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &1 as &libc::c_int)
+/// SO_RCVLOWAT gates the verdict program: TCP calls data-ready, which runs it, only once this
+/// many bytes wait (or the window is nearly closed, or a FIN came). Setting it also runs
+/// data-ready at once (tcp_set_rcvlowat), which hands bytes already queued to the program.
+pub fn set_receive_low_water(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &bytes)
+}
+
+/// Fixes the receive buffer (and so turns off its autotuning). SO_RCVBUFFORCE passes
+/// net.core.rmem_max with CAP_NET_ADMIN, which the kernel data plane needs anyway.
+pub fn set_receive_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &bytes)
+        .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes))
+}
+
+/// TCP_WINDOW_CLAMP bounds the receive window this socket advertises: how a sender is held
+/// back when the relay cannot pass its bytes on fast enough.
+pub fn window_clamp(fd: &impl AsRawFd) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are valid for the kernel to write.
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            std::ptr::from_mut(&mut value).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
+}
+
+pub fn set_window_clamp(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, &bytes)
+}
+
+/// Returns only after any softirq that is processing a packet for this socket has finished
+/// (TCP_INFO takes the socket lock), so every byte the program counted is queued by then.
+pub fn socket_barrier(fd: &impl AsRawFd) -> io::Result<()> {
+    tcp_info(fd).map(drop)
 }
 
 /// A zero linger time makes close() send RST: how a reset travels to the other side.
@@ -100,9 +144,13 @@ pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
         )
     })?;
     if (len as usize) < BYTES_ACKED_AT + 8 {
-        return Err(io::Error::other("kernel tcp_info too short for tcpi_bytes_acked"));
+        return Err(io::Error::other(
+            "kernel tcp_info too short for tcpi_bytes_acked",
+        ));
     }
-    let acked: [u8; 8] = raw[BYTES_ACKED_AT..BYTES_ACKED_AT + 8].try_into().expect("8 bytes");
+    let acked: [u8; 8] = raw[BYTES_ACKED_AT..BYTES_ACKED_AT + 8]
+        .try_into()
+        .expect("8 bytes");
     Ok(TcpInfo {
         state: raw[0],
         bytes_acked: u64::from_ne_bytes(acked),
@@ -113,7 +161,12 @@ pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
 pub fn recv_nonblocking(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: buf is valid for writes of its length.
     check_size(unsafe {
-        libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
     })
 }
 

@@ -1,1 +1,38 @@
-//! Shared helpers for the integration tests.
+//! Helpers for the integration tests: start the real `ebpf-proxy` binary, run real TCP
+//! peers against it over loopback, and read what the kernel says about the process.
+
+pub mod peers;
+pub mod relay;
+
+pub use peers::*;
+pub use relay::*;
+
+use std::time::{Duration, Instant};
+
+/// Polls `condition` until it holds or `deadline` passes; returns whether it held.
+pub fn wait_until(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Fields of /proc/meminfo, in KiB.
+pub fn meminfo_kib(field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("/proc/meminfo has no {field}"))
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}

@@ -1,1 +1,138 @@
-fn main() {}
+//! Developer and operator commands: `cargo xtask build | build-and-run | test`.
+
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, run and test ebpf-proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Bootstrap the eBPF toolchain if needed, build the eBPF object, then the release binary
+    /// with the object embedded.
+    Build,
+    /// Build, then run `ebpf-proxy ARGS` (through sudo when not root).
+    BuildAndRun {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run every test: host unit tests and the real-kernel integration tests.
+    Test {
+        /// Extra arguments for the integration test binary (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let root = workspace_root();
+    match Cli::parse().command {
+        Task::Build => {
+            let binary = build(&root)?;
+            println!(
+                "{}",
+                binary.strip_prefix(&root).unwrap_or(&binary).display()
+            );
+            Ok(())
+        }
+        Task::BuildAndRun { args } => {
+            let binary = build(&root)?;
+            let mut command = if is_root() {
+                Command::new(&binary)
+            } else {
+                let mut sudo = Command::new("sudo");
+                sudo.arg(&binary);
+                sudo
+            };
+            let status = command
+                .args(&args)
+                .status()
+                .context("starting ebpf-proxy")?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Test { args } => test(&root, &args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Builds the eBPF object, then the release binary that embeds it; returns the binary.
+fn build(root: &Path) -> Result<PathBuf> {
+    let linker = toolchain::ensure_bpf_toolchain(root)?;
+    let object = toolchain::build_ebpf(root, &linker)?;
+    run(host_cargo(&object)
+        .args(["build", "--release", "--package", "proxy-userspace"])
+        .current_dir(root))?;
+    Ok(root.join("target/release/ebpf-proxy"))
+}
+
+/// A host cargo command that embeds `object`. Every host build xtask runs passes it, so no
+/// build here ever replaces the binary with one lacking (or holding an older) object.
+fn host_cargo(object: &Path) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.env("PROXY_EBPF_OBJECT", object);
+    command
+}
+
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    let binary = build(root)?;
+    let object = toolchain::ebpf_object(root);
+    run(host_cargo(&object)
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "integration-tests",
+        ])
+        .current_dir(root))?;
+    // Tests share the machine's kernel state (memory, CPU time, bpftool listings): one at a time.
+    run(host_cargo(&object)
+        .args([
+            "test",
+            "--release",
+            "--package",
+            "integration-tests",
+            "--",
+            "--test-threads=1",
+        ])
+        .args(args)
+        .env("EBPF_PROXY_BIN", &binary)
+        .current_dir(root))
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {:?}", command.get_program()))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}

@@ -45,7 +45,11 @@ impl DataPlane {
     }
 
     /// Relays one connection until both directions are done or one side resets.
-    pub async fn relay(&self, client: TcpStream, upstream: TcpStream) -> Result<Transfer, FlowError> {
+    pub async fn relay(
+        &self,
+        client: TcpStream,
+        upstream: TcpStream,
+    ) -> Result<Transfer, FlowError> {
         match self {
             Self::Copy => relay_userspace(client, upstream, false).await,
             Self::Splice => relay_userspace(client, upstream, true).await,
@@ -56,12 +60,16 @@ impl DataPlane {
                     Ok(result) => result,
                     Err(declined) => {
                         let Some((client, upstream)) = declined.sockets else {
-                            warn!("connection dropped: kernel data plane declined it and its sockets could not be duplicated: {}", declined.reason);
+                            warn!(
+                                "connection dropped: kernel data plane declined it and its sockets could not be duplicated: {}",
+                                declined.reason
+                            );
                             return Err(FlowError::Client(io::Error::other(declined.reason)));
                         };
                         debug!("relaying in userspace (splice): {}", declined.reason);
                         let client = TcpStream::from_std(client).map_err(FlowError::Client)?;
-                        let upstream = TcpStream::from_std(upstream).map_err(FlowError::Upstream)?;
+                        let upstream =
+                            TcpStream::from_std(upstream).map_err(FlowError::Upstream)?;
                         relay_userspace(client, upstream, true).await
                     }
                 }

@@ -100,7 +100,11 @@ impl Btf {
             let member_type = read_u32(&self.data, m + 4)? as usize;
             let raw_offset = read_u32(&self.data, m + 8)?;
             // With kind_flag set, the top byte holds a bitfield size.
-            let bits = if info >> 31 == 1 { raw_offset & 0x00ff_ffff } else { raw_offset };
+            let bits = if info >> 31 == 1 {
+                raw_offset & 0x00ff_ffff
+            } else {
+                raw_offset
+            };
             if name == 0 {
                 let inner = self.resolve(member_type)?;
                 let k = kind(self.record(inner).1);
@@ -161,16 +165,16 @@ fn vlen(info: u32) -> usize {
 /// Size of the kind-specific data that follows a type record's 12-byte common part.
 fn extra_len(info: u32) -> Result<usize, BtfError> {
     Ok(match kind(info) {
-        1 => 4,                        // INT
-        3 => 12,                       // ARRAY
-        4 | 5 => 12 * vlen(info),      // STRUCT, UNION
-        6 => 8 * vlen(info),           // ENUM
-        13 => 8 * vlen(info),          // FUNC_PROTO
-        14 => 4,                       // VAR
-        15 => 12 * vlen(info),         // DATASEC
-        17 => 4,                       // DECL_TAG
-        19 => 12 * vlen(info),         // ENUM64
-        2 | 7..=12 | 16 | 18 => 0,     // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
+        1 => 4,                    // INT
+        3 => 12,                   // ARRAY
+        4 | 5 => 12 * vlen(info),  // STRUCT, UNION
+        6 => 8 * vlen(info),       // ENUM
+        13 => 8 * vlen(info),      // FUNC_PROTO
+        14 => 4,                   // VAR
+        15 => 12 * vlen(info),     // DATASEC
+        17 => 4,                   // DECL_TAG
+        19 => 12 * vlen(info),     // ENUM64
+        2 | 7..=12 | 16 | 18 => 0, // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
         _ => return Err(BtfError::Malformed("unknown type kind")),
     })
 }
@@ -202,7 +206,10 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(Btf::parse(vec![0; 64]), Err(BtfError::Malformed(_))));
+        assert!(matches!(
+            Btf::parse(vec![0; 64]),
+            Err(BtfError::Malformed(_))
+        ));
         assert!(matches!(Btf::parse(vec![]), Err(BtfError::Malformed(_))));
     }
 }

@@ -13,9 +13,9 @@ use aya::{
     programs::{ProgramError, SkSkb},
 };
 use proxy_common::{
-    CONTROLS_MAP, DEFAULT_BACKLOG_LIMIT, FLOWS_MAP, FlowControl, FlowState,
-    GLOBAL_BACKLOG_LIMIT, GLOBAL_BYTES_ACKED_OFFSET, GLOBAL_SND_UNA_OFFSET,
-    GLOBAL_WRITE_SEQ_OFFSET, PAUSES_MAP, SOCKETS_MAP, VERDICT_PROGRAM,
+    CONTROLS_MAP, DEFAULT_BACKLOG_LIMIT, FLOWS_MAP, FlowControl, FlowState, GLOBAL_BACKLOG_LIMIT,
+    GLOBAL_BYTES_ACKED_OFFSET, GLOBAL_SND_UNA_OFFSET, GLOBAL_WRITE_SEQ_OFFSET, PAUSES_MAP,
+    SOCKETS_MAP, VERDICT_PROGRAM,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
@@ -41,7 +41,9 @@ pub enum KernelLoadError {
         "this binary was built without the eBPF object (plain cargo build); build it with `cargo xtask build`"
     )]
     NoObject,
-    #[error("not allowed to load eBPF programs: run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON ({0})")]
+    #[error(
+        "not allowed to load eBPF programs: run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON ({0})"
+    )]
     NotPermitted(String),
     #[error("cannot find tcp_sock field offsets in the kernel's BTF: {0}")]
     Btf(#[from] BtfError),
@@ -50,7 +52,10 @@ pub enum KernelLoadError {
     #[error("the kernel rejected the {VERDICT_PROGRAM} program: {0:#}")]
     Program(#[from] ProgramError),
     #[error("eBPF map {name} is unusable: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
     #[error("cannot watch relayed sockets: {0}")]
@@ -66,6 +71,8 @@ struct FlowMaps {
 
 pub struct KernelDataPlane {
     maps: Mutex<FlowMaps>,
+    /// The program's FLOW_BACKLOG_LIMIT: a throttled flow is released at half of it.
+    backlog_limit: u64,
     watcher: Arc<SocketWatcher>,
     // Dropping the Ebpf detaches the program and frees the maps: it lives as long as we do.
     _ebpf: Ebpf,
@@ -110,7 +117,7 @@ impl KernelDataPlane {
         // SAFETY: the ring's fd belongs to the RingBuf, which the AsyncFd owns until it drops.
         let pauses = unsafe { AsyncFd::register(pauses) }.map_err(std::io::Error::from)?;
         tokio::spawn(dispatch_socket_events(Arc::clone(&watcher)));
-        tokio::spawn(dispatch_pauses(pauses, Arc::clone(&watcher)));
+        tokio::spawn(dispatch_notifications(pauses, Arc::clone(&watcher)));
 
         Ok(Arc::new(Self {
             maps: Mutex::new(FlowMaps {
@@ -119,6 +126,7 @@ impl KernelDataPlane {
                 controls,
             }),
             watcher,
+            backlog_limit,
             _ebpf: ebpf,
         }))
     }
@@ -157,7 +165,10 @@ async fn dispatch_socket_events(watcher: Arc<SocketWatcher>) {
     }
 }
 
-async fn dispatch_pauses(mut pauses: AsyncFd<RingBuf<MapData>>, watcher: Arc<SocketWatcher>) {
+async fn dispatch_notifications(
+    mut pauses: AsyncFd<RingBuf<MapData>>,
+    watcher: Arc<SocketWatcher>,
+) {
     loop {
         let mut guard = match pauses.readable_mut().await {
             Ok(guard) => guard,
@@ -168,9 +179,11 @@ async fn dispatch_pauses(mut pauses: AsyncFd<RingBuf<MapData>>, watcher: Arc<Soc
         };
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
-            let Ok(cookie) = <[u8; 8]>::try_from(&item[..]) else { continue };
+            let Ok(cookie) = <[u8; 8]>::try_from(&item[..]) else {
+                continue;
+            };
             if let Some(signals) = watcher.signals(u64::from_ne_bytes(cookie)) {
-                signals.raise_paused();
+                signals.raise_notified();
             }
         }
         guard.clear_ready();

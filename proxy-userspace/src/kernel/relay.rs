@@ -3,8 +3,10 @@
 //! - a FIN or RST is never forwarded by the kernel: on EOF, wait until every redirected
 //!   byte is in the peer's TCP write queue, then shut the peer's write side (shutting it
 //!   earlier makes the queued redirects fail and drops them);
-//! - a paused flow (peer too slow, or peer not in the map) keeps its bytes on the receiving
-//!   socket; userspace moves them in order, after the peer's redirect backlog has emptied.
+//! - redirects ignore the peer's send buffer: when the program reports a peer backlog over
+//!   the limit, clamp the sending socket's receive window until the backlog halves;
+//! - a detached flow (its peer could not join the map) keeps its bytes on the receiving
+//!   socket; userspace moves them, after the peer's redirect backlog has emptied.
 
 use std::{
     io,
@@ -19,18 +21,24 @@ use tracing::debug;
 
 use super::{
     KernelDataPlane,
-    watcher::{ERROR, HANGUP, PAUSED, READABLE, SocketSignals, WRITABLE},
+    watcher::{ERROR, HANGUP, NOTIFIED, READABLE, SocketSignals, WRITABLE},
 };
 use crate::{
     dataplane::{FlowError, Transfer},
     sys,
 };
 
-/// How often a connection re-reads its flows in case a pause notification was lost to a
-/// full ring buffer.
+/// How often a connection re-reads its flows in case a notification was lost to a full
+/// ring buffer.
 const AUDIT_PERIOD: Duration = Duration::from_secs(5);
 /// Userspace buffer for moving a paused flow's bytes: part of the per-connection bound.
 pub const MOVE_BUFFER: usize = 64 * 1024;
+/// Receive buffer of every relayed socket: the advertised window is at most half of it,
+/// which bounds what a sender can still push after its flow is throttled.
+pub const RECEIVE_BUFFER: libc::c_int = 8 << 20;
+/// SO_RCVLOWAT during setup: above any window (the kernel caps it at half the largest
+/// receive buffer), so data-ready, and with it the program, waits for the release.
+const HOLD_LOW_WATER: libc::c_int = libc::c_int::MAX;
 /// The redirect backlog gives no wakeup when it empties, so its drain is polled, backing
 /// off from the first value to the second.
 const BACKLOG_POLL: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(16));
@@ -69,10 +77,12 @@ struct Side {
     in_map: bool,
     /// Optional epoll interest (READABLE/WRITABLE) wanted by the two flows touching it.
     interest: AtomicU32,
-    /// Userspace half of this socket's *outgoing* flow's control (see FlowControl).
-    drained: AtomicU64,
-    /// Peer's baseline plus bytes userspace wrote into the peer.
+    /// Bytes userspace moved from this socket to its peer.
+    moved: AtomicU64,
+    /// Peer's baseline plus bytes userspace wrote into the peer (see FlowControl).
     peer_userspace: AtomicU64,
+    /// Throttles of this socket's flow that userspace has released.
+    throttle_releases: AtomicU32,
 }
 
 /// A connection whose sockets are (being) put into the maps; Drop takes every trace out.
@@ -80,11 +90,6 @@ struct KernelConnection<'a> {
     plane: &'a KernelDataPlane,
     client: Side,
     upstream: Side,
-}
-
-enum Moved {
-    CaughtUp,
-    EndOfStream,
 }
 
 impl KernelDataPlane {
@@ -139,8 +144,9 @@ impl KernelDataPlane {
             signals,
             in_map: false,
             interest: AtomicU32::new(0),
-            drained: AtomicU64::new(0),
+            moved: AtomicU64::new(0),
             peer_userspace: AtomicU64::new(peer_queued),
+            throttle_releases: AtomicU32::new(0),
         };
         let client_side = side(client, client_cookie, client_signals, upstream_queued);
         let upstream_side = side(upstream, upstream_cookie, upstream_signals, client_queued);
@@ -153,6 +159,18 @@ impl KernelDataPlane {
         if let Err(e) = connection.install_flows() {
             return Err(connection.give_back(KernelRelayError::Io(e)));
         }
+        // A fixed receive buffer bounds the window a throttled sender may still fill, whatever
+        // tcp_rmem lets autotuning reach. Then hold arriving bytes in the receive queues
+        // until both sockets are in the map, so no redirect finds its peer missing.
+        let prepared = [&connection.client.stream, &connection.upstream.stream]
+            .into_iter()
+            .try_for_each(|stream| {
+                sys::set_receive_buffer(stream, RECEIVE_BUFFER)?;
+                sys::set_receive_low_water(stream, HOLD_LOW_WATER)
+            });
+        if let Err(e) = prepared {
+            return Err(connection.give_back(KernelRelayError::Io(e)));
+        }
         // The upstream goes first; if it cannot join, nothing is in the map and userspace
         // takes the whole connection. If only the client cannot, the upstream's flow stays
         // paused (its peer is missing) and userspace moves both directions' bytes.
@@ -162,11 +180,11 @@ impl KernelDataPlane {
         if let Err(e) = connection.insert(false) {
             debug!("client socket stays out of the map, its bytes move in userspace: {e}");
         }
-        // Bytes that arrived before the insert wait in the receive queue until something
-        // runs data-ready; this does, in order.
+        // Release the hold: this runs data-ready, which hands every byte that arrived
+        // before the insert to the program, in order.
         for side in [&connection.upstream, &connection.client] {
             if side.in_map {
-                if let Err(e) = sys::kick_receive_queue(&side.stream) {
+                if let Err(e) = sys::set_receive_low_water(&side.stream, 1) {
                     debug!("could not kick receive queue: {e}");
                 }
             }
@@ -178,11 +196,14 @@ impl KernelDataPlane {
 impl KernelConnection<'_> {
     fn install_flows(&self) -> io::Result<()> {
         let mut maps = self.plane.maps();
-        for (from, to) in [(&self.client, &self.upstream), (&self.upstream, &self.client)] {
+        for (from, to) in [
+            (&self.client, &self.upstream),
+            (&self.upstream, &self.client),
+        ] {
             let control = FlowControl {
                 peer_cookie: to.cookie,
                 peer_userspace_bytes: from.peer_userspace.load(Ordering::Acquire),
-                drained_bytes: 0,
+                ..FlowControl::default()
             };
             maps.flows
                 .insert(from.cookie, FlowState::default(), 0)
@@ -195,7 +216,11 @@ impl KernelConnection<'_> {
     }
 
     fn insert(&mut self, upstream: bool) -> Result<(), KernelRelayError> {
-        let side = if upstream { &mut self.upstream } else { &mut self.client };
+        let side = if upstream {
+            &mut self.upstream
+        } else {
+            &mut self.client
+        };
         self.plane
             .maps()
             .sockets
@@ -227,7 +252,9 @@ impl KernelConnection<'_> {
             }
             let _ = maps.flows.remove(&side.cookie);
             let _ = maps.controls.remove(&side.cookie);
-            self.plane.watcher.unwatch(side.cookie, side.stream.as_raw_fd());
+            self.plane
+                .watcher
+                .unwatch(side.cookie, side.stream.as_raw_fd());
         }
     }
 
@@ -265,70 +292,82 @@ impl KernelConnection<'_> {
 
     fn flow_bytes(&self, from: &Side) -> u64 {
         let state = self.state(from);
-        state.redirected_bytes + from.drained.load(Ordering::Acquire)
+        state.redirected_bytes + from.moved.load(Ordering::Acquire)
     }
 
     /// Carries one direction until its source's EOF has reached the destination.
     async fn run_flow(&self, from: &Side, to: &Side) -> Result<(), LocalFlowError> {
+        if !from.in_map {
+            return self.copy_rest_in_userspace(from, to).await;
+        }
         let mut audit = tokio::time::interval(AUDIT_PERIOD);
         audit.reset();
-        if !from.in_map {
-            self.want(from, READABLE, true)?;
-        }
         loop {
             let events = tokio::select! {
                 events = from.signals.read_events() => events,
-                _ = audit.tick() => {
-                    let state = self.state(from);
-                    if state.passed_bytes == from.drained.load(Ordering::Acquire) { continue; }
-                    PAUSED
-                }
+                _ = audit.tick() => NOTIFIED,
             };
             if events & ERROR != 0 {
                 return Err(LocalFlowError::Source(socket_error(&from.stream)));
             }
-            if events & (PAUSED | READABLE | HANGUP) == 0 {
-                continue;
+            let state = self.state(from);
+            if state.detached != 0 {
+                return self.copy_rest_in_userspace(from, to).await;
             }
-            if let Moved::EndOfStream = self.move_kept_bytes(from, to).await? {
-                self.wait_for_peer_backlog(from, to).await?;
+            if state.throttles != from.throttle_releases.load(Ordering::Acquire) {
+                self.throttle(from, to, state.throttles).await?;
+            }
+            if events & HANGUP != 0 && self.reached_end(from, to).await? {
+                self.wait_for_peer_backlog(from, to, 0).await?;
                 sys::shutdown_write(&to.stream).map_err(LocalFlowError::Destination)?;
                 return Ok(());
             }
         }
     }
 
-    /// Moves what the program left on `from` (and, for a socket outside the map, whatever
-    /// arrives) to `to`, until nothing is left or the stream ends.
-    async fn move_kept_bytes(&self, from: &Side, to: &Side) -> Result<Moved, LocalFlowError> {
+    /// Holds the sender back until the destination has taken most of the backlog: the
+    /// window can only stop growing, not shrink, so at most one more window arrives.
+    async fn throttle(&self, from: &Side, to: &Side, throttles: u32) -> Result<(), LocalFlowError> {
+        let open = sys::window_clamp(&from.stream).map_err(LocalFlowError::Source)?;
+        // The kernel raises this to its minimum (SOCK_MIN_RCVBUF / 2).
+        sys::set_window_clamp(&from.stream, 1).map_err(LocalFlowError::Source)?;
+        let drained = self
+            .wait_for_peer_backlog(from, to, self.plane.backlog_limit / 2)
+            .await;
+        sys::set_window_clamp(&from.stream, open).map_err(LocalFlowError::Source)?;
+        drained?;
+        from.throttle_releases.store(throttles, Ordering::Release);
+        self.publish_control(from)
+    }
+
+    /// After a FIN: true once every byte before it was redirected or moved on.
+    async fn reached_end(&self, from: &Side, to: &Side) -> Result<bool, LocalFlowError> {
+        // The FIN runs data-ready, which hands the program everything queued before it;
+        // the barrier waits for that to finish. Anything still readable then was never
+        // handed over: move it on, in order.
+        sys::socket_barrier(&from.stream).map_err(LocalFlowError::Source)?;
         let mut buf = vec![0u8; MOVE_BUFFER];
-        // Hear about bytes kept while we work (EPOLLIN is accurate while a flow is paused).
-        self.want(from, READABLE, true)?;
-        let mut verified_at_redirected = None;
         loop {
             match sys::recv_nonblocking(&from.stream, &mut buf) {
-                Ok(0) => return Ok(Moved::EndOfStream),
-                Ok(n) => {
-                    // Write only behind every redirected byte: re-check whenever the
-                    // program redirected something since the last check.
-                    let redirected = self.state(from).redirected_bytes;
-                    if verified_at_redirected != Some(redirected) {
-                        verified_at_redirected = Some(self.wait_for_peer_backlog(from, to).await?);
-                    }
-                    self.write_all(to, &buf[..n]).await?;
-                    self.record_moved(from, n as u64)?;
-                }
+                Ok(0) => return Ok(true),
+                Ok(n) => self.forward_moved(from, to, &buf[..n]).await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(LocalFlowError::Source(e)),
+            }
+        }
+    }
+
+    /// The rest of a direction whose source is outside the map or detached from it: every
+    /// byte is read by userspace, behind whatever was redirected before.
+    async fn copy_rest_in_userspace(&self, from: &Side, to: &Side) -> Result<(), LocalFlowError> {
+        self.want(from, READABLE, true)?;
+        let mut buf = vec![0u8; MOVE_BUFFER];
+        loop {
+            match sys::recv_nonblocking(&from.stream, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => self.forward_moved(from, to, &buf[..n]).await?,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if from.in_map
-                        && self.state(from).passed_bytes <= from.drained.load(Ordering::Acquire)
-                    {
-                        self.want(from, READABLE, false)?;
-                        return Ok(Moved::CaughtUp);
-                    }
-                    if !from.in_map {
-                        return Ok(Moved::CaughtUp);
-                    }
-                    // Counted as kept but not queued on the socket yet: it is on its way.
                     let events = from.signals.read_events().await;
                     if events & ERROR != 0 {
                         return Err(LocalFlowError::Source(socket_error(&from.stream)));
@@ -338,15 +377,31 @@ impl KernelConnection<'_> {
                 Err(e) => return Err(LocalFlowError::Source(e)),
             }
         }
+        self.wait_for_peer_backlog(from, to, 0).await?;
+        sys::shutdown_write(&to.stream).map_err(LocalFlowError::Destination)
     }
 
-    fn record_moved(&self, from: &Side, n: u64) -> Result<(), LocalFlowError> {
-        let drained = from.drained.fetch_add(n, Ordering::AcqRel) + n;
-        let peer_userspace = from.peer_userspace.fetch_add(n, Ordering::AcqRel) + n;
+    /// Writes bytes userspace read from `from` to `to`, behind every redirected byte.
+    async fn forward_moved(
+        &self,
+        from: &Side,
+        to: &Side,
+        bytes: &[u8],
+    ) -> Result<(), LocalFlowError> {
+        self.wait_for_peer_backlog(from, to, 0).await?;
+        self.write_all(to, bytes).await?;
+        from.moved.fetch_add(bytes.len() as u64, Ordering::AcqRel);
+        from.peer_userspace
+            .fetch_add(bytes.len() as u64, Ordering::AcqRel);
+        self.publish_control(from)
+    }
+
+    fn publish_control(&self, from: &Side) -> Result<(), LocalFlowError> {
         let control = FlowControl {
             peer_cookie: self.peer_of(from).cookie,
-            peer_userspace_bytes: peer_userspace,
-            drained_bytes: drained,
+            peer_userspace_bytes: from.peer_userspace.load(Ordering::Acquire),
+            throttle_releases: from.throttle_releases.load(Ordering::Acquire),
+            _padding: 0,
         };
         self.plane
             .maps()
@@ -356,22 +411,35 @@ impl KernelConnection<'_> {
     }
 
     fn peer_of(&self, side: &Side) -> &Side {
-        if side.cookie == self.client.cookie { &self.upstream } else { &self.client }
+        if side.cookie == self.client.cookie {
+            &self.upstream
+        } else {
+            &self.client
+        }
     }
 
-    /// Waits until the destination's TCP stack has taken every byte redirected towards it.
-    /// Returns the redirected count that was verified.
-    async fn wait_for_peer_backlog(&self, from: &Side, to: &Side) -> Result<u64, LocalFlowError> {
+    /// Waits until at most `allowed` bytes redirected towards `to` are still outside its TCP
+    /// write queue (0: every one of them is in it, so a write from userspace goes behind).
+    async fn wait_for_peer_backlog(
+        &self,
+        from: &Side,
+        to: &Side,
+        allowed: u64,
+    ) -> Result<(), LocalFlowError> {
         let mut delay = BACKLOG_POLL.0;
         loop {
             let redirected = self.state(from).redirected_bytes;
             let expected = from.peer_userspace.load(Ordering::Acquire) + redirected;
             let queued = sys::queued_total(&to.stream).map_err(LocalFlowError::Destination)?;
-            if queued >= expected {
-                return Ok(redirected);
+            if queued + allowed >= expected {
+                return Ok(());
             }
             // A reset destination discards its backlog: it will never catch up.
-            if sys::tcp_info(&to.stream).map_err(LocalFlowError::Destination)?.state == TCP_CLOSE {
+            if sys::tcp_info(&to.stream)
+                .map_err(LocalFlowError::Destination)?
+                .state
+                == TCP_CLOSE
+            {
                 return Err(LocalFlowError::Destination(io::Error::from(
                     io::ErrorKind::ConnectionReset,
                 )));
@@ -418,7 +486,11 @@ impl KernelConnection<'_> {
 
     fn state(&self, side: &Side) -> FlowState {
         // A missing entry reads as zeros: only possible for a flow already torn down.
-        self.plane.maps().flows.get(&side.cookie, 0).unwrap_or_default()
+        self.plane
+            .maps()
+            .flows
+            .get(&side.cookie, 0)
+            .unwrap_or_default()
     }
 }
 

@@ -3,7 +3,7 @@
 //! Sockets in the sockhash stay out of tokio's reactor: tokio registers EPOLLIN, and every
 //! redirected packet fires the socket's data-ready wakeup, so the relay would wake per
 //! packet. This watcher's own epoll set asks for EPOLLRDHUP (FIN), errors, and EPOLLIN or
-//! EPOLLOUT only while a flow is paused and userspace is moving its bytes.
+//! EPOLLOUT only while userspace itself moves a flow's bytes.
 
 use std::{
     collections::HashMap,
@@ -22,8 +22,8 @@ pub const HANGUP: u32 = 1;
 pub const ERROR: u32 = 2;
 pub const READABLE: u32 = 4;
 pub const WRITABLE: u32 = 8;
-/// The verdict program paused the flow that reads from this socket.
-pub const PAUSED: u32 = 16;
+/// The verdict program wants userspace to look at the flow reading from this socket.
+pub const NOTIFIED: u32 = 16;
 
 /// Pending events of one socket: read-side ones for the flow reading it, write-side ones
 /// for the flow writing to it, so the two flows of a connection never steal each other's.
@@ -37,7 +37,7 @@ pub struct SocketSignals {
 
 impl SocketSignals {
     fn raise(&self, bits: u32) {
-        let read = bits & (HANGUP | ERROR | READABLE | PAUSED);
+        let read = bits & (HANGUP | ERROR | READABLE | NOTIFIED);
         if read != 0 {
             self.read_events.fetch_or(read, Ordering::AcqRel);
             self.read_notify.notify_one();
@@ -49,8 +49,8 @@ impl SocketSignals {
         }
     }
 
-    pub fn raise_paused(&self) {
-        self.raise(PAUSED);
+    pub fn raise_notified(&self) {
+        self.raise(NOTIFIED);
     }
 
     /// Waits until at least one read-side event is pending, then takes them all.
@@ -137,10 +137,17 @@ impl SocketWatcher {
         if interest & WRITABLE != 0 {
             events |= libc::EPOLLOUT as u32;
         }
-        let mut event = libc::epoll_event { events, u64: cookie };
+        let mut event = libc::epoll_event {
+            events,
+            u64: cookie,
+        };
         // SAFETY: event is valid for the call; the epoll fd is ours.
         let ret = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut event) };
-        if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// Dispatches epoll events to connection tasks until the runtime shuts down.
@@ -170,7 +177,9 @@ impl SocketWatcher {
             }
             let sockets = self.lock();
             for event in &events[..n as usize] {
-                let Some(signals) = sockets.get(&{ event.u64 }) else { continue };
+                let Some(signals) = sockets.get(&{ event.u64 }) else {
+                    continue;
+                };
                 signals.raise(translate(event.events));
             }
         }

@@ -1,0 +1,261 @@
+//! Runs the real `ebpf-proxy` binary and reads its log and /proc entries.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+/// The data planes every behaviour is tested on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plane {
+    Kernel,
+    Splice,
+    Copy,
+}
+
+impl Plane {
+    pub fn arg(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Splice => "splice",
+            Self::Copy => "copy",
+        }
+    }
+}
+
+pub fn relay_binary() -> PathBuf {
+    std::env::var_os("EBPF_PROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/ebpf-proxy")
+        })
+}
+
+/// True when kernel-mode tests must run rather than skip (`.ci/run` sets it).
+pub fn bpf_required() -> bool {
+    std::env::var("PROXY_REQUIRE_BPF").is_ok_and(|v| v == "1")
+}
+
+/// A running relay; killed (SIGKILL) if the test did not stop it.
+pub struct Relay {
+    child: Child,
+    pub addr: SocketAddr,
+    log: mpsc::Receiver<String>,
+    pub lines: Vec<String>,
+}
+
+/// What a relay prints on SIGUSR1.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Status {
+    pub connections: u64,
+    pub sockets_in_map: Option<u64>,
+    pub tasks: u64,
+}
+
+impl Relay {
+    /// Starts a relay from an ephemeral loopback port to `upstream`, or returns `None` when
+    /// the kernel plane cannot load here and the run does not require it.
+    pub fn start(plane: Plane, upstream: &str, extra: &[&str]) -> Option<Self> {
+        let forward = format!("127.0.0.1:0={upstream}");
+        let mut args = vec!["--forward", forward.as_str(), "--dataplane", plane.arg()];
+        args.extend_from_slice(extra);
+        match Self::spawn(&args) {
+            Ok(relay) => Some(relay),
+            Err(output) if plane == Plane::Kernel && !bpf_required() => {
+                eprintln!(
+                    "SKIPPED: kernel data plane unavailable (set PROXY_REQUIRE_BPF=1 to fail instead):\n{output}"
+                );
+                None
+            }
+            Err(output) => panic!("relay did not start with {args:?}:\n{output}"),
+        }
+    }
+
+    /// Spawns the binary with `args`; Err carries everything it printed if it never
+    /// reported a listening socket.
+    pub fn spawn(args: &[&str]) -> Result<Self, String> {
+        let mut child = Command::new(relay_binary())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {}: {e} (build it with cargo xtask build)",
+                    relay_binary().display()
+                )
+            });
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, log) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(strip_ansi(&line)).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut relay = Self {
+            child,
+            addr: "0.0.0.0:0".parse().expect("placeholder"),
+            log,
+            lines: Vec::new(),
+        };
+        match relay.wait_for_line("listening on ", Duration::from_secs(20)) {
+            Some(line) => {
+                let addr = line
+                    .split("listening on ")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_else(|| panic!("cannot parse a listening address from {line:?}"));
+                relay.addr = addr;
+                Ok(relay)
+            }
+            None => {
+                let _ = relay.child.kill();
+                let _ = relay.child.wait();
+                relay.drain_log(Duration::from_millis(500));
+                Err(relay.lines.join("\n"))
+            }
+        }
+    }
+
+    /// Waits for a log line containing `needle`; keeps every line read.
+    pub fn wait_for_line(&mut self, needle: &str, within: Duration) -> Option<String> {
+        let end = Instant::now() + within;
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            let line = self.log.recv_timeout(left).ok()?;
+            self.lines.push(line.clone());
+            if line.contains(needle) {
+                return Some(line);
+            }
+        }
+    }
+
+    fn drain_log(&mut self, within: Duration) {
+        let end = Instant::now() + within;
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) => self.lines.push(line),
+                Err(_) => return,
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+    }
+
+    /// Asks for a status line (SIGUSR1) and parses it.
+    pub fn status(&mut self) -> Status {
+        self.signal(libc::SIGUSR1);
+        let line = self
+            .wait_for_line("status:", Duration::from_secs(5))
+            .expect("relay answers SIGUSR1 with a status line");
+        let field = |name: &str| -> Option<u64> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+        };
+        Status {
+            connections: field("connections").expect("connections in status"),
+            sockets_in_map: field("sockets_in_map"),
+            tasks: field("tasks").expect("tasks in status"),
+        }
+    }
+
+    /// utime + stime of the relay process, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("relay stat");
+        // Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+        let after = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("relay status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("relay fds")
+            .count()
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub fn stop(mut self, signal: libc::c_int) -> (ExitStatus, Vec<String>) {
+        self.signal(signal);
+        let end = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for relay") {
+                break status;
+            }
+            assert!(
+                Instant::now() < end,
+                "relay did not exit within 10 s of signal {signal}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
+        self.drain_log(Duration::from_millis(500));
+        (status, std::mem::take(&mut self.lines))
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Runs the binary to completion (for bad-input tests): exit status and stderr.
+pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
+    let output = Command::new(relay_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ebpf-proxy");
+    (
+        output.status,
+        strip_ansi(&String::from_utf8_lossy(&output.stderr)),
+    )
+}

@@ -1,0 +1,58 @@
+//! Bad input gets a one-line error that says what to fix.
+
+use std::net::TcpListener;
+
+use integration_tests::run_to_exit;
+
+fn one_line_error(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one error line expected in:\n{stderr}"
+    );
+    lines[0]
+}
+
+#[test]
+fn malformed_forward_is_a_usage_error() {
+    let (status, stderr) = run_to_exit(&["--forward", "127.0.0.1:80"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        one_line_error(&stderr).contains("expected LISTEN=UPSTREAM"),
+        "{stderr}"
+    );
+    let (status, stderr) = run_to_exit(&["--forward", "127.0.0.1:80=nohostport"]);
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        one_line_error(&stderr).contains("is not HOST:PORT"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn port_in_use_says_so() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let forward = format!("{}=127.0.0.1:9", taken.local_addr().expect("addr"));
+    let (status, stderr) = run_to_exit(&["--forward", &forward, "--dataplane", "copy"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let line = one_line_error(&stderr);
+    assert!(
+        line.contains("cannot listen on") && line.contains("another process holds this port"),
+        "{line}"
+    );
+}
+
+#[test]
+fn unresolvable_upstream_says_so() {
+    // A DNS label over 63 bytes cannot be encoded, so the resolver fails without asking
+    // any server: no traffic leaves the machine.
+    let host = format!("{}.example", "a".repeat(64));
+    let forward = format!("127.0.0.1:0={host}:80");
+    let (status, stderr) = run_to_exit(&["--forward", &forward, "--dataplane", "copy"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        one_line_error(&stderr).contains("does not resolve"),
+        "{stderr}"
+    );
+}

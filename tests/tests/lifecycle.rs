@@ -1,0 +1,189 @@
+//! Connection and process lifecycle: resets travel, unreachable upstreams close the client
+//! promptly, signals stop the relay cleanly and take its eBPF objects with it.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{TcpListener, TcpStream},
+    os::fd::{AsRawFd, FromRawFd},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{Behaviour, Plane, Relay, Upstream, is_root, payload, reset, wait_until};
+
+/// How soon a reset or a refusal must reach the other side.
+const PROMPTLY: Duration = Duration::from_secs(3);
+
+pub fn client_reset_reaches_upstream(plane: Plane) {
+    let upstream = Upstream::start(Behaviour::Exchange(Vec::new()));
+    let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
+        return;
+    };
+    let mut client = TcpStream::connect(relay.addr).expect("connect");
+    client.write_all(&payload(41, 10_000)).expect("send");
+    // Make sure the connection is relayed end to end before the reset.
+    let mut end = [0u8; 1];
+    assert_eq!(
+        client.read(&mut end).expect("upstream's empty stream ends"),
+        0
+    );
+    reset(client);
+    let result = upstream.next_result(PROMPTLY);
+    let err = result.expect_err("the upstream must see the reset, not a clean end");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{plane:?}: {err}");
+}
+
+pub fn upstream_reset_reaches_client(plane: Plane) {
+    let upstream = Upstream::start(Behaviour::ResetAfter(1000));
+    let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
+        return;
+    };
+    let mut client = TcpStream::connect(relay.addr).expect("connect");
+    client.set_read_timeout(Some(PROMPTLY)).expect("timeout");
+    client.write_all(&payload(42, 1000)).expect("send");
+    let mut buf = [0u8; 64];
+    let err = client
+        .read(&mut buf)
+        .expect_err("the client must see the reset");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{plane:?}: {err}");
+}
+
+/// The client sees its connection end (EOF or reset) within `within`.
+fn assert_closed_within(client: &mut TcpStream, within: Duration) -> Duration {
+    client
+        .set_read_timeout(Some(within + Duration::from_secs(2)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("expected the relay to close the client, got {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(took <= within, "closed only after {took:?}");
+    took
+}
+
+pub fn refused_upstream_closes_client(plane: Plane) {
+    let closed_port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    // The listener is gone: connecting there is refused.
+    let Some(relay) = Relay::start(plane, &closed_port.to_string(), &[]) else {
+        return;
+    };
+    let mut client = TcpStream::connect(relay.addr).expect("connect");
+    assert_closed_within(&mut client, PROMPTLY);
+    // Others keep working: a second relay client to the same dead upstream is handled too.
+    let mut again = TcpStream::connect(relay.addr).expect("connect again");
+    assert_closed_within(&mut again, PROMPTLY);
+}
+
+pub fn silent_upstream_closes_client_after_timeout(plane: Plane) {
+    // A listener whose accept queue is full drops further SYNs: connects to it hang.
+    // SAFETY: plain socket calls; the fd is owned by the TcpListener below.
+    let silent = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let listener = TcpListener::from_raw_fd(fd);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        assert_eq!(
+            libc::bind(
+                fd,
+                std::ptr::from_ref(&addr).cast(),
+                size_of::<libc::sockaddr_in>() as u32
+            ),
+            0
+        );
+        assert_eq!(libc::listen(listener.as_raw_fd(), 0), 0);
+        listener
+    };
+    let target = silent.local_addr().expect("addr");
+    let fillers: Vec<_> = (0..2)
+        .map(|_| TcpStream::connect(target).expect("fill the queue"))
+        .collect();
+    let Some(relay) = Relay::start(plane, &target.to_string(), &["--connect-timeout", "1"]) else {
+        return;
+    };
+    let mut client = TcpStream::connect(relay.addr).expect("connect");
+    let took = assert_closed_within(&mut client, Duration::from_secs(1) + PROMPTLY);
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed after {took:?}, before the 1 s connect timeout"
+    );
+    drop(fillers);
+}
+
+pub fn stops_cleanly_on_sigterm_and_sigint(plane: Plane) {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let upstream = Upstream::start(Behaviour::BannerThenEcho(b"hi".to_vec()));
+        let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
+            return;
+        };
+        // An open connection must not keep the relay from stopping.
+        let mut client = TcpStream::connect(relay.addr).expect("connect");
+        let mut banner = [0u8; 2];
+        client.read_exact(&mut banner).expect("relayed");
+        let (status, log) = relay.stop(signal);
+        assert!(
+            status.success(),
+            "{plane:?}: exit after signal {signal}: {status}\n{}",
+            log.join("\n")
+        );
+        client.set_read_timeout(Some(PROMPTLY)).expect("timeout");
+        let mut rest = [0u8; 16];
+        assert!(
+            matches!(client.read(&mut rest), Ok(0) | Err(_)),
+            "connection closed by the stop"
+        );
+    }
+}
+
+fn relay_programs() -> usize {
+    let output = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool is needed for this test (apt-get install bpftool)");
+    assert!(
+        output.status.success(),
+        "bpftool prog show failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.contains("sk_skb") && l.contains("name relay_verdict"))
+        .count()
+}
+
+pub fn bpf_program_is_listed_while_running_and_gone_after() {
+    if !is_root() && !integration_tests::bpf_required() {
+        eprintln!("SKIPPED: bpftool needs root");
+        return;
+    }
+    let before = relay_programs();
+    let upstream = Upstream::start(Behaviour::Exchange(Vec::new()));
+    let Some(relay) = Relay::start(Plane::Kernel, &upstream.relay_target(), &[]) else {
+        return;
+    };
+    assert_eq!(
+        relay_programs(),
+        before + 1,
+        "bpftool prog show lists the relay's sk_skb program"
+    );
+    let (status, _) = relay.stop(libc::SIGTERM);
+    assert!(status.success());
+    // The kernel frees a program once its last reference is gone, right at exit.
+    assert!(
+        wait_until(Duration::from_secs(5), || relay_programs() == before),
+        "program left behind"
+    );
+}

@@ -1,0 +1,44 @@
+//! Integration tests against the real kernel: the `ebpf-proxy` binary relays real sockets
+//! over loopback. Every data-plane behaviour runs once per data plane (kernel, splice,
+//! copy); kernel-mode cases skip unless BPF loads, or fail when PROXY_REQUIRE_BPF=1.
+
+mod cli;
+mod lifecycle;
+mod resources;
+mod transfer;
+
+use integration_tests::Plane;
+
+/// Instantiates each listed case as `<plane>::<case>` for every data plane.
+macro_rules! for_each_plane {
+    ($($module:ident :: $case:ident),* $(,)?) => {
+        mod kernel { $( #[test] fn $case() { crate::$module::$case(crate::Plane::Kernel) } )* }
+        mod splice { $( #[test] fn $case() { crate::$module::$case(crate::Plane::Splice) } )* }
+        mod copy { $( #[test] fn $case() { crate::$module::$case(crate::Plane::Copy) } )* }
+    };
+}
+
+for_each_plane!(
+    transfer::sizes_verify_each_direction_and_both,
+    transfer::client_speaks_first_then_half_closes,
+    transfer::upstream_speaks_first,
+    transfer::upstream_half_closes_first,
+    transfer::concurrent_connections_of_random_sizes_verify,
+    lifecycle::client_reset_reaches_upstream,
+    lifecycle::upstream_reset_reaches_client,
+    lifecycle::refused_upstream_closes_client,
+    lifecycle::silent_upstream_closes_client_after_timeout,
+    lifecycle::stops_cleanly_on_sigterm_and_sigint,
+    resources::sequential_connections_leave_nothing_behind,
+    resources::slow_reader_memory_is_bounded,
+);
+
+#[test]
+fn kernel_mode_moves_bytes_without_the_relay_process() {
+    resources::kernel_mode_moves_bytes_without_the_relay_process();
+}
+
+#[test]
+fn bpf_program_is_listed_while_running_and_gone_after() {
+    lifecycle::bpf_program_is_listed_while_running_and_gone_after();
+}

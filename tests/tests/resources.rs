@@ -1,0 +1,134 @@
+//! Resources stay bounded: nothing leaks across connections, a slow reader cannot make the
+//! relay or the kernel buffer without limit, and kernel mode keeps bytes out of the process.
+
+use std::{
+    io::Read,
+    net::TcpStream,
+    thread,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    Behaviour, Plane, Received, Relay, Upstream, exchange, meminfo_kib, payload, reset, wait_until,
+};
+
+pub fn sequential_connections_leave_nothing_behind(plane: Plane) {
+    let upstream = Upstream::start(Behaviour::BannerThenEcho(Vec::new()));
+    let Some(mut relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
+        return;
+    };
+    let addr = relay.addr;
+    let one = |i: u64| {
+        let data = payload(i, 100);
+        let got = exchange(TcpStream::connect(addr).expect("connect"), data.clone()).expect("echo");
+        assert_eq!(got, Received::of(&data), "connection {i}");
+    };
+    // Warm up once so lazily created runtime state is part of the baseline.
+    one(0);
+    assert!(wait_until(Duration::from_secs(5), || relay
+        .status()
+        .connections
+        == 0));
+    let (fds, tasks) = (relay.open_fds(), relay.status().tasks);
+    for i in 1..=1000 {
+        one(i);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || relay.status().connections == 0),
+        "{plane:?}: connections still open after all clients finished"
+    );
+    let status = relay.status();
+    assert_eq!(relay.open_fds(), fds, "{plane:?}: file descriptors leaked");
+    assert_eq!(status.tasks, tasks, "{plane:?}: tasks leaked");
+    if plane == Plane::Kernel {
+        assert_eq!(status.sockets_in_map, Some(0), "sockhash entries leaked");
+    }
+}
+
+/// The documented bound on what one connection can make the kernel hold in kernel mode
+/// (README, "Memory"); the other planes hold less. The assertion leaves room for the
+/// rest of the machine's activity during the test.
+const KERNEL_BOUND_MIB: u64 = 32;
+
+pub fn slow_reader_memory_is_bounded(plane: Plane) {
+    let upstream = Upstream::start(Behaviour::Push(1 << 30));
+    let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
+        return;
+    };
+    let available_before = meminfo_kib("MemAvailable");
+    let mut client = TcpStream::connect(relay.addr).expect("connect");
+    // Read 64 KiB per second for 8 seconds: a pacing workload, not a synchroniser.
+    let started = Instant::now();
+    let mut buf = vec![0u8; 8 << 10];
+    let mut read = 0usize;
+    let mut lowest_available = available_before;
+    let mut highest_rss = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        client.read_exact(&mut buf).expect("slow read");
+        read += buf.len();
+        lowest_available = lowest_available.min(meminfo_kib("MemAvailable"));
+        highest_rss = highest_rss.max(relay.rss_kib());
+        thread::sleep(Duration::from_millis(125));
+    }
+    reset(client);
+    let pushed = upstream
+        .next_result(Duration::from_secs(30))
+        .expect("upstream push")
+        .len;
+    let grew_mib = available_before.saturating_sub(lowest_available) / 1024;
+    eprintln!(
+        "{plane:?}: read {} KiB; upstream pushed {} MiB; MemAvailable fell by {grew_mib} MiB at most; relay RSS peaked at {} MiB",
+        read >> 10,
+        pushed >> 20,
+        highest_rss >> 10
+    );
+    assert!(
+        highest_rss < 64 << 10,
+        "{plane:?}: relay RSS reached {} MiB",
+        highest_rss >> 10
+    );
+    assert!(
+        grew_mib < 3 * KERNEL_BOUND_MIB,
+        "{plane:?}: kernel memory grew by {grew_mib} MiB"
+    );
+    // Backpressure reached the sender: it could not push much beyond the bounded buffers.
+    assert!(
+        pushed < (2 * KERNEL_BOUND_MIB) << 20,
+        "{plane:?}: upstream pushed {} MiB",
+        pushed >> 20
+    );
+}
+
+pub fn kernel_mode_moves_bytes_without_the_relay_process() {
+    let total = 1u64 << 30;
+    let upstream = Upstream::start(Behaviour::Push(total));
+    let Some(relay) = Relay::start(Plane::Kernel, &upstream.relay_target(), &[]) else {
+        return;
+    };
+    let ticks_before = relay.cpu_ticks();
+    let started = Instant::now();
+    let mut client = TcpStream::connect(relay.addr).expect("connect");
+    let got = integration_tests::read_to_end_hashed(&mut client).expect("read 1 GiB");
+    let wall = started.elapsed();
+    let ticks = relay.cpu_ticks() - ticks_before;
+    assert_eq!(got.len, total, "all bytes arrive");
+    assert_eq!(
+        upstream
+            .next_result(Duration::from_secs(30))
+            .expect("push")
+            .len,
+        total
+    );
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let share = ticks as f64 / hz / wall.as_secs_f64();
+    eprintln!(
+        "kernel: 1 GiB in {wall:?}; relay process CPU {ticks} ticks = {:.2}% of wall time",
+        share * 100.0
+    );
+    assert!(
+        share < 0.05,
+        "relay process used {:.1}% CPU while 1 GiB passed",
+        share * 100.0
+    );
+}

@@ -1,0 +1,138 @@
+//! Bytes arrive intact: every size, each direction and both at once, whoever speaks first.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use integration_tests::{
+    Behaviour, Plane, Received, Relay, Upstream, exchange, payload, read_to_end_hashed,
+};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn connect(relay: &Relay) -> TcpStream {
+    TcpStream::connect(relay.addr).expect("connect to relay")
+}
+
+pub fn sizes_verify_each_direction_and_both(plane: Plane) {
+    for size in [0, 1, 4 << 10, 1 << 20, 64 << 20] {
+        for (up, down) in [(size, 0), (0, size), (size, size)] {
+            let from_client = payload(size as u64 + 1, up);
+            let from_upstream = payload(size as u64 + 2, down);
+            let upstream = Upstream::start(Behaviour::Exchange(from_upstream.clone()));
+            let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
+                return;
+            };
+            let client_got =
+                exchange(connect(&relay), from_client.clone()).expect("client exchange");
+            let upstream_got = upstream.next_result(DEADLINE).expect("upstream exchange");
+            assert_eq!(
+                client_got,
+                Received::of(&from_upstream),
+                "{plane:?}: upstream->client, {up} up / {down} down"
+            );
+            assert_eq!(
+                upstream_got,
+                Received::of(&from_client),
+                "{plane:?}: client->upstream, {up} up / {down} down"
+            );
+        }
+    }
+}
+
+pub fn client_speaks_first_then_half_closes(plane: Plane) {
+    let reply = payload(11, 1 << 20);
+    let upstream = Upstream::start(Behaviour::ReplyAfterEof(reply.clone()));
+    let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
+        return;
+    };
+    let request = payload(12, 3000);
+    let mut client = connect(&relay);
+    // The request goes out the instant the connection exists, before the relay has even
+    // reached the upstream; the write side closes right after.
+    client.write_all(&request).expect("send request");
+    client.shutdown(Shutdown::Write).expect("half-close");
+    let got = read_to_end_hashed(&mut client).expect("read reply");
+    assert_eq!(
+        upstream.next_result(DEADLINE).expect("upstream"),
+        Received::of(&request)
+    );
+    assert_eq!(
+        got,
+        Received::of(&reply),
+        "{plane:?}: the whole reply arrives after the client's FIN"
+    );
+}
+
+pub fn upstream_speaks_first(plane: Plane) {
+    let banner = payload(21, 2048);
+    let upstream = Upstream::start(Behaviour::BannerThenEcho(banner.clone()));
+    let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
+        return;
+    };
+    let mut client = connect(&relay);
+    let mut got_banner = vec![0u8; banner.len()];
+    client
+        .read_exact(&mut got_banner)
+        .expect("banner arrives before the client says anything");
+    assert_eq!(got_banner, banner);
+    let body = payload(22, 256 << 10);
+    let echoed = exchange(client, body.clone()).expect("echo");
+    assert_eq!(echoed, Received::of(&body));
+    assert_eq!(
+        upstream.next_result(DEADLINE).expect("upstream"),
+        Received::of(&body)
+    );
+}
+
+pub fn upstream_half_closes_first(plane: Plane) {
+    let from_upstream = payload(31, 1 << 20);
+    let upstream = Upstream::start(Behaviour::Exchange(from_upstream.clone()));
+    let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
+        return;
+    };
+    let mut client = connect(&relay);
+    // Read the upstream's whole stream and its FIN first, then keep talking.
+    let got = read_to_end_hashed(&mut client).expect("upstream stream");
+    assert_eq!(got, Received::of(&from_upstream));
+    let late = payload(32, 1 << 20);
+    client
+        .write_all(&late)
+        .expect("client keeps sending after the upstream's FIN");
+    client.shutdown(Shutdown::Write).expect("half-close");
+    assert_eq!(
+        upstream.next_result(DEADLINE).expect("upstream"),
+        Received::of(&late)
+    );
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).expect("clean end");
+    assert!(rest.is_empty());
+}
+
+pub fn concurrent_connections_of_random_sizes_verify(plane: Plane) {
+    let upstream = Upstream::start(Behaviour::BannerThenEcho(Vec::new()));
+    let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
+        return;
+    };
+    let addr = relay.addr;
+    let clients: Vec<_> = (0..200u64)
+        .map(|i| {
+            thread::spawn(move || {
+                let size = (rand::random::<u32>() % (256 << 10)) as usize;
+                let data = payload(1000 + i, size);
+                let stream = TcpStream::connect(addr).expect("connect");
+                (
+                    exchange(stream, data.clone()).expect("echo"),
+                    Received::of(&data),
+                )
+            })
+        })
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let (got, sent) = client.join().expect("client thread");
+        assert_eq!(got, sent, "{plane:?}: connection {i} came back altered");
+    }
+}
