@@ -1,7 +1,15 @@
 //! The control plane: one accept loop per `--forward`, one task per connection, a
 //! connection limit, and a shutdown that stops accepting and closes everything down.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{
     net::{TcpListener, TcpStream, lookup_host},
@@ -86,6 +94,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let limit = Arc::new(Semaphore::new(config.max_connections as usize));
+    let open = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut accept_loops = tokio::task::JoinSet::new();
     for (listener, upstream) in listeners {
@@ -95,13 +104,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             connect_timeout: config.connect_timeout,
             stop: stop_rx.clone(),
         };
-        accept_loops.spawn(accept_loop(listener, handler, Arc::clone(&limit)));
+        accept_loops.spawn(accept_loop(
+            listener,
+            handler,
+            Arc::clone(&limit),
+            Arc::clone(&open),
+        ));
     }
-    let status = tokio::spawn(report_status_on_sigusr1(
-        plane.clone(),
-        Arc::clone(&limit),
-        config.max_connections,
-    ));
+    let status = tokio::spawn(report_status_on_sigusr1(plane.clone(), Arc::clone(&open)));
 
     shutdown.await;
     info!("shutting down: closing listeners and connections");
@@ -129,7 +139,12 @@ async fn resolve(upstream: &Upstream) -> Result<Vec<SocketAddr>, RelayError> {
     Ok(addrs)
 }
 
-async fn accept_loop(listener: TcpListener, handler: Handler, limit: Arc<Semaphore>) {
+async fn accept_loop(
+    listener: TcpListener,
+    handler: Handler,
+    limit: Arc<Semaphore>,
+    open: Arc<AtomicUsize>,
+) {
     loop {
         // Wait for a free slot before accepting: excess clients queue in the kernel backlog.
         let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
@@ -138,9 +153,10 @@ async fn accept_loop(listener: TcpListener, handler: Handler, limit: Arc<Semapho
         match listener.accept().await {
             Ok((client, _peer)) => {
                 let handler = handler.clone();
+                let open = OpenConnection::count(&open);
                 tokio::spawn(async move {
                     handler.handle(client).await;
-                    drop(permit);
+                    drop((open, permit));
                 });
             }
             Err(e) => {
@@ -208,15 +224,31 @@ fn reset(client: TcpStream) {
     let _ = sys::set_linger_zero(&client);
 }
 
+/// Counts a connection as open for as long as it lives.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn count(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// `kill -USR1 PID` logs one line an operator (or a test) can read.
-async fn report_status_on_sigusr1(plane: DataPlane, limit: Arc<Semaphore>, max: u32) {
+async fn report_status_on_sigusr1(plane: DataPlane, open: Arc<AtomicUsize>) {
     let Ok(mut usr1) =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
     else {
         return;
     };
     while usr1.recv().await.is_some() {
-        let connections = max as usize - limit.available_permits();
+        let connections = open.load(Ordering::Relaxed);
         let sockets = match &plane {
             DataPlane::Kernel(kernel) => kernel.socket_entries().to_string(),
             _ => "n/a".into(),

@@ -108,9 +108,12 @@ pub fn silent_upstream_closes_client_after_timeout(plane: Plane) {
         listener
     };
     let target = silent.local_addr().expect("addr");
-    let fillers: Vec<_> = (0..2)
-        .map(|_| TcpStream::connect(target).expect("fill the queue"))
-        .collect();
+    // Fill the queue until a connect hangs: from then on the target answers nothing.
+    let mut fillers = Vec::new();
+    while let Ok(filler) = TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
+        fillers.push(filler);
+        assert!(fillers.len() < 64, "the accept queue never filled");
+    }
     let Some(relay) = Relay::start(plane, &target.to_string(), &["--connect-timeout", "1"]) else {
         return;
     };
