@@ -249,13 +249,17 @@ async fn report_status_on_sigusr1(plane: DataPlane, open: Arc<AtomicUsize>) {
     };
     while usr1.recv().await.is_some() {
         let connections = open.load(Ordering::Relaxed);
-        let sockets = match &plane {
-            DataPlane::Kernel(kernel) => kernel.socket_entries().to_string(),
-            _ => "n/a".into(),
+        let kernel = match &plane {
+            DataPlane::Kernel(kernel) => format!(
+                " sockets_in_map={} userspace_fallbacks={}",
+                kernel.socket_entries(),
+                kernel.fallbacks()
+            ),
+            _ => String::new(),
         };
         let tasks = tokio::runtime::Handle::current()
             .metrics()
             .num_alive_tasks();
-        info!("status: connections={connections} sockets_in_map={sockets} tasks={tasks}");
+        info!("status: connections={connections} tasks={tasks}{kernel}");
     }
 }

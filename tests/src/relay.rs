@@ -54,6 +54,7 @@ pub struct Relay {
 pub struct Status {
     pub connections: u64,
     pub sockets_in_map: Option<u64>,
+    pub userspace_fallbacks: Option<u64>,
     pub tasks: u64,
 }
 
@@ -174,6 +175,7 @@ impl Relay {
         Status {
             connections: field("connections").expect("connections in status"),
             sockets_in_map: field("sockets_in_map"),
+            userspace_fallbacks: field("userspace_fallbacks"),
             tasks: field("tasks").expect("tasks in status"),
         }
     }

@@ -4,12 +4,13 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{TcpListener, TcpStream},
-    os::fd::{AsRawFd, FromRawFd},
     process::Command,
     time::{Duration, Instant},
 };
 
-use integration_tests::{Behaviour, Plane, Relay, Upstream, is_root, payload, reset, wait_until};
+use integration_tests::{
+    Behaviour, Plane, Relay, Upstream, full_listener, is_root, payload, reset, wait_until,
+};
 
 /// How soon a reset or a refusal must reach the other side.
 const PROMPTLY: Duration = Duration::from_secs(3);
@@ -82,38 +83,8 @@ pub fn refused_upstream_closes_client(plane: Plane) {
 }
 
 pub fn silent_upstream_closes_client_after_timeout(plane: Plane) {
-    // A listener whose accept queue is full drops further SYNs: connects to it hang.
-    // SAFETY: plain socket calls; the fd is owned by the TcpListener below.
-    let silent = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0);
-        let listener = TcpListener::from_raw_fd(fd);
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
-            },
-            sin_zero: [0; 8],
-        };
-        assert_eq!(
-            libc::bind(
-                fd,
-                std::ptr::from_ref(&addr).cast(),
-                size_of::<libc::sockaddr_in>() as u32
-            ),
-            0
-        );
-        assert_eq!(libc::listen(listener.as_raw_fd(), 0), 0);
-        listener
-    };
+    let (silent, fillers) = full_listener();
     let target = silent.local_addr().expect("addr");
-    // Fill the queue until a connect hangs: from then on the target answers nothing.
-    let mut fillers = Vec::new();
-    while let Ok(filler) = TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
-        fillers.push(filler);
-        assert!(fillers.len() < 64, "the accept queue never filled");
-    }
     let Some(relay) = Relay::start(plane, &target.to_string(), &["--connect-timeout", "1"]) else {
         return;
     };

@@ -34,6 +34,11 @@ for_each_plane!(
 );
 
 #[test]
+fn kernel_falls_back_when_a_fin_came_first() {
+    transfer::kernel_falls_back_when_a_fin_came_first();
+}
+
+#[test]
 fn kernel_mode_moves_bytes_without_the_relay_process() {
     resources::kernel_mode_moves_bytes_without_the_relay_process();
 }

@@ -8,7 +8,8 @@ use std::{
 };
 
 use integration_tests::{
-    Behaviour, Plane, Received, Relay, Upstream, exchange, payload, read_to_end_hashed,
+    Behaviour, Plane, Received, Relay, Upstream, exchange, full_listener, payload,
+    read_to_end_hashed,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -135,4 +136,43 @@ pub fn concurrent_connections_of_random_sizes_verify(plane: Plane) {
         let (got, sent) = client.join().expect("client thread");
         assert_eq!(got, sent, "{plane:?}: connection {i} came back altered");
     }
+}
+
+/// A socket whose FIN arrived before it could join the sockhash cannot join it any more;
+/// that connection must still arrive intact, relayed in userspace. The relay's upstream
+/// connect is held back (the upstream's accept queue is full, so its SYN waits for the
+/// retransmit a second later) while the client sends its request and FIN.
+pub fn kernel_falls_back_when_a_fin_came_first() {
+    let (upstream, fillers) = full_listener();
+    let target = upstream.local_addr().expect("upstream address");
+    let Some(mut relay) = Relay::start(Plane::Kernel, &target.to_string(), &[]) else {
+        return;
+    };
+    let request = payload(51, 5000);
+    let mut client = connect(&relay);
+    client.write_all(&request).expect("send");
+    client.shutdown(Shutdown::Write).expect("half-close");
+    // Free the queue: the relay's retransmitted SYN now gets through.
+    drop(fillers);
+    let (_filler, _) = upstream.accept().expect("the filler");
+    let (mut relayed, _) = upstream.accept().expect("the relay's connection");
+    assert_eq!(
+        read_to_end_hashed(&mut relayed).expect("request"),
+        Received::of(&request)
+    );
+    let reply = payload(52, 64 << 10);
+    relayed.write_all(&reply).expect("reply");
+    relayed.shutdown(Shutdown::Write).expect("close");
+    assert_eq!(
+        read_to_end_hashed(&mut client).expect("reply"),
+        Received::of(&reply)
+    );
+    let fallbacks = relay
+        .status()
+        .userspace_fallbacks
+        .expect("kernel status has fallbacks");
+    assert_eq!(
+        fallbacks, 1,
+        "the connection was expected to take the userspace fallback"
+    );
 }

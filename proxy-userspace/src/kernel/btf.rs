@@ -108,10 +108,10 @@ impl Btf {
             if name == 0 {
                 let inner = self.resolve(member_type)?;
                 let k = kind(self.record(inner).1);
-                if k == KIND_STRUCT || k == KIND_UNION {
-                    if let Some(off) = self.find_member(inner, field) {
-                        return Some(bits / 8 + off);
-                    }
+                if (k == KIND_STRUCT || k == KIND_UNION)
+                    && let Some(off) = self.find_member(inner, field)
+                {
+                    return Some(bits / 8 + off);
                 }
             } else if self.name(name) == Some(field) {
                 return (bits % 8 == 0).then_some(bits / 8);

@@ -5,7 +5,10 @@ mod btf;
 mod relay;
 mod watcher;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{
+    Arc, Mutex, MutexGuard,
+    atomic::{AtomicU64, Ordering},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -73,6 +76,8 @@ pub struct KernelDataPlane {
     maps: Mutex<FlowMaps>,
     /// The program's FLOW_BACKLOG_LIMIT: a throttled flow is released at half of it.
     backlog_limit: u64,
+    /// Connections the map would not take, relayed in userspace instead.
+    fallbacks: AtomicU64,
     watcher: Arc<SocketWatcher>,
     // Dropping the Ebpf detaches the program and frees the maps: it lives as long as we do.
     _ebpf: Ebpf,
@@ -127,6 +132,7 @@ impl KernelDataPlane {
             }),
             watcher,
             backlog_limit,
+            fallbacks: AtomicU64::new(0),
             _ebpf: ebpf,
         }))
     }
@@ -134,6 +140,11 @@ impl KernelDataPlane {
     fn maps(&self) -> MutexGuard<'_, FlowMaps> {
         // Map handles stay valid whatever a panicking holder was doing.
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connections relayed in userspace because their sockets could not join the map.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
     }
 
     /// Entries currently in the socket map: what leak checks compare against zero.

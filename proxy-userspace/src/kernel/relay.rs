@@ -100,7 +100,9 @@ impl KernelDataPlane {
         client: TcpStream,
         upstream: TcpStream,
     ) -> Result<Result<Transfer, FlowError>, Declined> {
-        let connection = self.join_maps(client, upstream)?;
+        let connection = self.join_maps(client, upstream).inspect_err(|_| {
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        })?;
         Ok(connection.run().await)
     }
 
@@ -183,10 +185,9 @@ impl KernelDataPlane {
         // Release the hold: this runs data-ready, which hands every byte that arrived
         // before the insert to the program, in order.
         for side in [&connection.upstream, &connection.client] {
-            if side.in_map {
-                if let Err(e) = sys::set_receive_low_water(&side.stream, 1) {
-                    debug!("could not kick receive queue: {e}");
-                }
+            // Also for a socket outside the map: its readiness depends on the mark too.
+            if let Err(e) = sys::set_receive_low_water(&side.stream, 1) {
+                debug!("could not release the receive queue: {e}");
             }
         }
         Ok(connection)
@@ -234,6 +235,10 @@ impl KernelConnection<'_> {
     /// sockets back (as duplicates, since this connection's Drop closes its own fds).
     fn give_back(self, reason: KernelRelayError) -> Declined {
         self.remove_traces();
+        for side in [&self.client, &self.upstream] {
+            // Userspace readiness depends on the low-water mark: undo the setup's hold.
+            let _ = sys::set_receive_low_water(&side.stream, 1);
+        }
         let sockets = self
             .client
             .stream
