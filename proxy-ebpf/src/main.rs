@@ -47,6 +47,9 @@ static TCP_BYTES_ACKED_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static FLOW_BACKLOG_LIMIT: u64 = DEFAULT_BACKLOG_LIMIT;
 
+/// Past this many times the limit the flow detaches rather than grow the backlog further.
+const HARD_LIMIT_FACTOR: u64 = 16;
+
 #[stream_verdict]
 fn relay_verdict(ctx: SkBuffContext) -> u32 {
     // A socket without flow entries is not (or no longer) relayed by us: keep its bytes on
@@ -81,6 +84,12 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
     };
     // SAFETY: a read-only global.
     let limit = unsafe { ptr::read_volatile(&FLOW_BACKLOG_LIMIT) };
+    if backlog >= limit.saturating_mul(HARD_LIMIT_FACTOR) {
+        // Userspace has not held the sender back in time. Keeping the bytes here charges
+        // them to this socket's receive buffer, so TCP itself closes the window: a bound
+        // that does not depend on userspace. The flow stays in userspace from then on.
+        return Ok(detach(cookie, flow, len));
+    }
     if backlog >= limit && flow.throttles == control.throttle_releases {
         // Once per crossing: userspace acknowledges by releasing this throttle.
         flow.throttles = flow.throttles.wrapping_add(1);

@@ -67,28 +67,6 @@ pub fn set_receive_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<(
         .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes))
 }
 
-/// TCP_WINDOW_CLAMP bounds the receive window this socket advertises: how a sender is held
-/// back when the relay cannot pass its bytes on fast enough.
-pub fn window_clamp(fd: &impl AsRawFd) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: value and len are valid for the kernel to write.
-    check(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_WINDOW_CLAMP,
-            std::ptr::from_mut(&mut value).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(value)
-}
-
-pub fn set_window_clamp(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
-    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, &bytes)
-}
-
 /// Returns only after any softirq that is processing a packet for this socket has finished
 /// (TCP_INFO takes the socket lock), so every byte the program counted is queued by then.
 pub fn socket_barrier(fd: &impl AsRawFd) -> io::Result<()> {

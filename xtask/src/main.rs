@@ -1,5 +1,6 @@
 //! Developer and operator commands: `cargo xtask build | build-and-run | test`.
 
+mod bench;
 mod toolchain;
 
 use std::{
@@ -33,6 +34,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then measure iperf3 through each data plane and directly, side by side.
+    Bench {
+        /// Fewer and shorter runs (a smoke check of the harness).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -62,6 +69,10 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Test { args } => test(&root, &args),
+        Task::Bench { quick } => {
+            let binary = build(&root)?;
+            bench::bench(&root, &binary, quick)
+        }
     }
 }
 
@@ -74,12 +85,7 @@ fn workspace_root() -> PathBuf {
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Builds the eBPF object, then the release binary that embeds it; returns the binary.
