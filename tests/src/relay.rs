@@ -62,7 +62,12 @@ impl Relay {
     /// Starts a relay from an ephemeral loopback port to `upstream`, or returns `None` when
     /// the kernel plane cannot load here and the run does not require it.
     pub fn start(plane: Plane, upstream: &str, extra: &[&str]) -> Option<Self> {
-        let forward = format!("127.0.0.1:0={upstream}");
+        Self::start_on(plane, "127.0.0.1:0", upstream, extra)
+    }
+
+    /// As [`Relay::start`], listening on `listen` (port 0 for an ephemeral one).
+    pub fn start_on(plane: Plane, listen: &str, upstream: &str, extra: &[&str]) -> Option<Self> {
+        let forward = format!("{listen}={upstream}");
         let mut args = vec!["--forward", forward.as_str(), "--dataplane", plane.arg()];
         args.extend_from_slice(extra);
         match Self::spawn(&args) {

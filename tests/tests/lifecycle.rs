@@ -122,20 +122,37 @@ pub fn stops_cleanly_on_sigterm_and_sigint(plane: Plane) {
     }
 }
 
-fn relay_programs() -> usize {
+/// Lines of `bpftool OBJECT show` naming the relay's objects.
+fn bpftool_count(object: &str, names: &[&str]) -> usize {
     let output = Command::new("bpftool")
-        .args(["prog", "show"])
+        .args([object, "show"])
         .output()
         .expect("bpftool is needed for this test (apt-get install bpftool)");
     assert!(
         output.status.success(),
-        "bpftool prog show failed: {}",
+        "bpftool {object} show failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout)
         .lines()
-        .filter(|l| l.contains("sk_skb") && l.contains("name relay_verdict"))
+        .filter(|l| names.iter().any(|n| l.contains(&format!("name {n} "))))
         .count()
+}
+
+fn relay_programs() -> usize {
+    bpftool_count("prog", &["relay_verdict"])
+}
+
+fn relay_maps() -> usize {
+    bpftool_count(
+        "map",
+        &[
+            "RELAY_SOCKETS",
+            "RELAY_FLOWS",
+            "RELAY_CONTROLS",
+            "RELAY_PAUSES",
+        ],
+    )
 }
 
 pub fn bpf_program_is_listed_while_running_and_gone_after() {
@@ -143,21 +160,27 @@ pub fn bpf_program_is_listed_while_running_and_gone_after() {
         eprintln!("SKIPPED: bpftool needs root");
         return;
     }
-    let before = relay_programs();
+    let (programs, maps) = (relay_programs(), relay_maps());
     let upstream = Upstream::start(Behaviour::Exchange(Vec::new()));
     let Some(relay) = Relay::start(Plane::Kernel, &upstream.relay_target(), &[]) else {
         return;
     };
     assert_eq!(
         relay_programs(),
-        before + 1,
+        programs + 1,
         "bpftool prog show lists the relay's sk_skb program"
+    );
+    assert_eq!(
+        relay_maps(),
+        maps + 4,
+        "bpftool map show lists the relay's four maps"
     );
     let (status, _) = relay.stop(libc::SIGTERM);
     assert!(status.success());
-    // The kernel frees a program once its last reference is gone, right at exit.
+    // The kernel frees programs and maps once their last reference is gone, right at exit.
     assert!(
-        wait_until(Duration::from_secs(5), || relay_programs() == before),
-        "program left behind"
+        wait_until(Duration::from_secs(5), || relay_programs() == programs
+            && relay_maps() == maps),
+        "program or maps left behind"
     );
 }

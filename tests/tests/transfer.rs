@@ -176,3 +176,19 @@ pub fn kernel_falls_back_when_a_fin_came_first() {
         "the connection was expected to take the userspace fallback"
     );
 }
+
+pub fn ipv6_client_reaches_ipv4_upstream(plane: Plane) {
+    let from_upstream = payload(61, 1 << 20);
+    let upstream = Upstream::start(Behaviour::Exchange(from_upstream.clone()));
+    let Some(relay) = Relay::start_on(plane, "[::1]:0", &upstream.relay_target(), &[]) else {
+        return;
+    };
+    assert!(relay.addr.is_ipv6(), "listening on {}", relay.addr);
+    let from_client = payload(62, 1 << 20);
+    let got = exchange(connect(&relay), from_client.clone()).expect("exchange");
+    assert_eq!(got, Received::of(&from_upstream));
+    assert_eq!(
+        upstream.next_result(DEADLINE).expect("upstream"),
+        Received::of(&from_client)
+    );
+}
