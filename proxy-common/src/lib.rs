@@ -12,7 +12,7 @@ pub const FLOWS_MAP: &str = "RELAY_FLOWS";
 /// Userspace-written per-flow settings ([`FlowControl`]), keyed by the receiving socket's cookie.
 pub const CONTROLS_MAP: &str = "RELAY_CONTROLS";
 /// Ring buffer of cookies (u64) whose flow needs userspace: throttled or detached.
-pub const PAUSES_MAP: &str = "RELAY_PAUSES";
+pub const EVENTS_MAP: &str = "RELAY_EVENTS";
 
 /// Read-only globals set at load time: offsets inside `struct tcp_sock`, read from the
 /// running kernel's BTF, so the program can see how much of a peer's queue is still unsent.
@@ -29,7 +29,7 @@ pub const DEFAULT_BACKLOG_LIMIT: u64 = 4 << 20;
 /// Capacity of the socket and flow maps: two entries per relayed connection.
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
 /// Ring buffer size in bytes (a power of two, multiple of the page size).
-pub const PAUSES_RING_BYTES: u32 = 64 * 1024;
+pub const EVENTS_RING_BYTES: u32 = 64 * 1024;
 
 /// What the kernel knows about one flow. Written only by the verdict program.
 #[repr(C)]

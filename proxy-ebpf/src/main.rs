@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use proxy_common::{
-    DEFAULT_BACKLOG_LIMIT, DEFAULT_MAX_SOCKETS, FlowControl, FlowState, PAUSES_RING_BYTES,
+    DEFAULT_BACKLOG_LIMIT, DEFAULT_MAX_SOCKETS, FlowControl, FlowState, EVENTS_RING_BYTES,
 };
 
 #[map]
@@ -34,7 +34,7 @@ static RELAY_CONTROLS: HashMap<u64, FlowControl> =
     HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
 #[map]
-static RELAY_PAUSES: RingBuf = RingBuf::with_byte_size(PAUSES_RING_BYTES, 0);
+static RELAY_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
 // Set by userspace at load time from the running kernel's BTF; read-only to the verifier,
 // which therefore sees them as constants and checks each field access against BTF.
@@ -114,7 +114,7 @@ fn detach(cookie: u64, flow: &mut FlowState, len: u64) -> u32 {
 
 fn notify(cookie: u64) {
     // A full ring only delays userspace: connections also re-read their flows on a timer.
-    let _ = RELAY_PAUSES.output::<u64>(&cookie, 0);
+    let _ = RELAY_EVENTS.output::<u64>(&cookie, 0);
 }
 
 /// Bytes redirected towards the peer that its TCP stack has not queued yet (they wait in

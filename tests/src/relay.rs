@@ -85,7 +85,20 @@ impl Relay {
     /// Spawns the binary with `args`; Err carries everything it printed if it never
     /// reported a listening socket.
     pub fn spawn(args: &[&str]) -> Result<Self, String> {
-        let mut child = Command::new(relay_binary())
+        Self::spawn_via(&[], args)
+    }
+
+    /// As [`Relay::spawn`], run through a wrapper command (e.g. `setpriv ...`).
+    pub fn spawn_via(wrapper: &[&str], args: &[&str]) -> Result<Self, String> {
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(relay_binary());
+                command
+            }
+            None => Command::new(relay_binary()),
+        };
+        let mut child = command
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -2,7 +2,7 @@
 
 use std::net::TcpListener;
 
-use integration_tests::run_to_exit;
+use integration_tests::{Relay, is_root, run_to_exit};
 
 fn one_line_error(stderr: &str) -> &str {
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
@@ -54,5 +54,51 @@ fn unresolvable_upstream_says_so() {
     assert!(
         one_line_error(&stderr).contains("does not resolve"),
         "{stderr}"
+    );
+}
+
+/// Runs as `nobody`, with no capabilities at all.
+const UNPRIVILEGED: &[&str] = &[
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+];
+
+#[test]
+fn without_privileges_auto_falls_back_and_kernel_says_why() {
+    if !is_root() {
+        eprintln!("SKIPPED: dropping privileges with setpriv needs root");
+        return;
+    }
+    let output = std::process::Command::new(UNPRIVILEGED[0])
+        .args(&UNPRIVILEGED[1..])
+        .arg(integration_tests::relay_binary())
+        .args([
+            "--forward",
+            "127.0.0.1:0=127.0.0.1:9",
+            "--dataplane",
+            "kernel",
+        ])
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let line = one_line_error(&stderr);
+    assert!(
+        line.contains("not allowed to load eBPF programs") && line.contains("CAP_BPF"),
+        "{line}"
+    );
+
+    let relay = Relay::spawn_via(UNPRIVILEGED, &["--forward", "127.0.0.1:0=127.0.0.1:9"])
+        .unwrap_or_else(|log| panic!("auto must start without privileges:\n{log}"));
+    let listening = relay.lines.last().cloned().unwrap_or_default();
+    assert!(listening.contains("(dataplane splice)"), "{listening}");
+    let warnings: Vec<_> = relay.lines.iter().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "one warning expected: {warnings:?}");
+    assert!(
+        warnings[0].contains("not allowed to load eBPF programs"),
+        "{}",
+        warnings[0]
     );
 }

@@ -150,7 +150,7 @@ fn relay_maps() -> usize {
             "RELAY_SOCKETS",
             "RELAY_FLOWS",
             "RELAY_CONTROLS",
-            "RELAY_PAUSES",
+            "RELAY_EVENTS",
         ],
     )
 }

@@ -116,6 +116,10 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
             "--workspace",
             "--exclude",
             "integration-tests",
+            // Test targets only: an empty doc-test run must not be the last word.
+            "--lib",
+            "--bins",
+            "--tests",
         ])
         .current_dir(root))?;
     // Tests share the machine's kernel state (memory, CPU time, bpftool listings): one at a time.
@@ -125,6 +129,8 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
             "--release",
             "--package",
             "integration-tests",
+            "--test",
+            "integration",
             "--",
             "--test-threads=1",
         ])

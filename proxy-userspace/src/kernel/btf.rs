@@ -9,11 +9,8 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("cannot read kernel BTF {path}: {source} (is CONFIG_DEBUG_INFO_BTF enabled?)")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read kernel BTF {path}: {error} (is CONFIG_DEBUG_INFO_BTF enabled?)")]
+    Read { path: String, error: std::io::Error },
     #[error("kernel BTF is malformed: {0}")]
     Malformed(&'static str),
     #[error("kernel BTF has no struct {0}")]
@@ -40,9 +37,9 @@ impl Btf {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
-        let data = std::fs::read(path).map_err(|source| BtfError::Read {
+        let data = std::fs::read(path).map_err(|error| BtfError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::parse(data)
     }

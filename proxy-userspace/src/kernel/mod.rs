@@ -16,9 +16,9 @@ use aya::{
     programs::{ProgramError, SkSkb},
 };
 use proxy_common::{
-    CONTROLS_MAP, DEFAULT_BACKLOG_LIMIT, FLOWS_MAP, FlowControl, FlowState, GLOBAL_BACKLOG_LIMIT,
-    GLOBAL_BYTES_ACKED_OFFSET, GLOBAL_SND_UNA_OFFSET, GLOBAL_WRITE_SEQ_OFFSET, PAUSES_MAP,
-    SOCKETS_MAP, VERDICT_PROGRAM,
+    CONTROLS_MAP, DEFAULT_BACKLOG_LIMIT, EVENTS_MAP, FLOWS_MAP, FlowControl, FlowState,
+    GLOBAL_BACKLOG_LIMIT, GLOBAL_BYTES_ACKED_OFFSET, GLOBAL_SND_UNA_OFFSET,
+    GLOBAL_WRITE_SEQ_OFFSET, SOCKETS_MAP, VERDICT_PROGRAM,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
@@ -38,6 +38,8 @@ const OBJECT: Option<&[u8]> = {
 #[cfg(not(embedded_bpf))]
 const OBJECT: Option<&[u8]> = None;
 
+/// Why the kernel data plane cannot start. Each message is complete on its own: what
+/// failed and the root cause from the kernel, without repeating aya's error chain.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelLoadError {
     #[error(
@@ -45,24 +47,51 @@ pub enum KernelLoadError {
     )]
     NoObject,
     #[error(
-        "not allowed to load eBPF programs: run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON ({0})"
+        "not allowed to load eBPF programs ({0}): run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
     )]
     NotPermitted(String),
     #[error("cannot find tcp_sock field offsets in the kernel's BTF: {0}")]
-    Btf(#[from] BtfError),
+    Btf(BtfError),
     #[error("loading the eBPF object failed: {0}")]
-    Object(#[from] aya::EbpfError),
-    #[error("the kernel rejected the {VERDICT_PROGRAM} program: {0:#}")]
-    Program(#[from] ProgramError),
-    #[error("eBPF map {name} is unusable: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
+    Object(String),
+    #[error("the kernel rejected the {VERDICT_PROGRAM} program: {0}")]
+    Program(String),
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
     #[error("cannot watch relayed sockets: {0}")]
-    Watcher(#[from] std::io::Error),
+    Watcher(String),
+}
+
+impl KernelLoadError {
+    /// Classifies an aya error by its root cause: EPERM means missing privileges.
+    fn from_aya(error: &(dyn std::error::Error + 'static), wrap: fn(String) -> Self) -> Self {
+        let summary = summarize(error);
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.raw_os_error() == Some(libc::EPERM)
+            {
+                return Self::NotPermitted(summary);
+            }
+            cause = e.source();
+        }
+        wrap(summary)
+    }
+}
+
+/// "top-level message: root cause", skipping the layers in between (aya's repeat each other).
+fn summarize(error: &(dyn std::error::Error + 'static)) -> String {
+    let top = error.to_string();
+    let mut root = error;
+    while let Some(next) = root.source() {
+        root = next;
+    }
+    let root = root.to_string();
+    if top.contains(&root) {
+        top
+    } else {
+        format!("{top}: {root}")
+    }
 }
 
 /// Per-flow maps, guarded together because aya's map calls take `&mut self`.
@@ -85,13 +114,17 @@ pub struct KernelDataPlane {
 
 impl KernelDataPlane {
     /// Loads and attaches the verdict program, then starts the tasks that dispatch socket
-    /// and pause events. Must be called inside a tokio runtime.
+    /// and program notifications. Must be called inside a tokio runtime.
     pub fn load(max_sockets: u32) -> Result<Arc<Self>, KernelLoadError> {
         let object = OBJECT.ok_or(KernelLoadError::NoObject)?;
-        let btf = Btf::from_kernel()?;
-        let write_seq = btf.member_offset("tcp_sock", "write_seq")?;
-        let snd_una = btf.member_offset("tcp_sock", "snd_una")?;
-        let bytes_acked = btf.member_offset("tcp_sock", "bytes_acked")?;
+        let offset = |btf: &Btf, field| {
+            btf.member_offset("tcp_sock", field)
+                .map_err(KernelLoadError::Btf)
+        };
+        let btf = Btf::from_kernel().map_err(KernelLoadError::Btf)?;
+        let write_seq = offset(&btf, "write_seq")?;
+        let snd_una = offset(&btf, "snd_una")?;
+        let bytes_acked = offset(&btf, "bytes_acked")?;
         let backlog_limit = DEFAULT_BACKLOG_LIMIT;
 
         let mut ebpf = EbpfLoader::new()
@@ -103,26 +136,33 @@ impl KernelDataPlane {
             .map_max_entries(FLOWS_MAP, max_sockets)
             .map_max_entries(CONTROLS_MAP, max_sockets)
             .load(object)
-            .map_err(classify_load_error)?;
+            .map_err(|e| KernelLoadError::from_aya(&e, KernelLoadError::Object))?;
 
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, SOCKETS_MAP)?;
         let flows = take_map(&mut ebpf, FLOWS_MAP)?;
         let controls = take_map(&mut ebpf, CONTROLS_MAP)?;
-        let pauses: RingBuf<MapData> = take_map(&mut ebpf, PAUSES_MAP)?;
+        let events: RingBuf<MapData> = take_map(&mut ebpf, EVENTS_MAP)?;
 
         let program: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROGRAM)
             .ok_or(KernelLoadError::Missing(VERDICT_PROGRAM))?
-            .try_into()?;
-        program.load()?;
+            .try_into()
+            .map_err(|e: ProgramError| KernelLoadError::from_aya(&e, KernelLoadError::Program))?;
+        program
+            .load()
+            .map_err(|e| KernelLoadError::from_aya(&e, KernelLoadError::Program))?;
         // Attach before any socket joins the map, so no socket ever runs without a verdict.
-        program.attach(sockets.fd())?;
+        program
+            .attach(sockets.fd())
+            .map_err(|e| KernelLoadError::from_aya(&e, KernelLoadError::Program))?;
 
-        let watcher = Arc::new(SocketWatcher::new()?);
+        let watcher =
+            Arc::new(SocketWatcher::new().map_err(|e| KernelLoadError::Watcher(e.to_string()))?);
         // SAFETY: the ring's fd belongs to the RingBuf, which the AsyncFd owns until it drops.
-        let pauses = unsafe { AsyncFd::register(pauses) }.map_err(std::io::Error::from)?;
+        let events = unsafe { AsyncFd::register(events) }
+            .map_err(|e| KernelLoadError::Watcher(std::io::Error::from(e).to_string()))?;
         tokio::spawn(dispatch_socket_events(Arc::clone(&watcher)));
-        tokio::spawn(dispatch_notifications(pauses, Arc::clone(&watcher)));
+        tokio::spawn(dispatch_notifications(events, Arc::clone(&watcher)));
 
         Ok(Arc::new(Self {
             maps: Mutex::new(FlowMaps {
@@ -153,21 +193,12 @@ impl KernelDataPlane {
     }
 }
 
-fn classify_load_error(e: aya::EbpfError) -> KernelLoadError {
-    let text = format!("{e:#}");
-    if text.contains("Operation not permitted") || text.contains("EPERM") {
-        KernelLoadError::NotPermitted(text)
-    } else {
-        KernelLoadError::Object(e)
-    }
-}
-
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelLoadError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
     let map = ebpf.take_map(name).ok_or(KernelLoadError::Missing(name))?;
-    T::try_from(map).map_err(|source| KernelLoadError::Map { name, source })
+    T::try_from(map).map_err(|e| KernelLoadError::Object(format!("map {name}: {}", summarize(&e))))
 }
 
 async fn dispatch_socket_events(watcher: Arc<SocketWatcher>) {
@@ -177,14 +208,14 @@ async fn dispatch_socket_events(watcher: Arc<SocketWatcher>) {
 }
 
 async fn dispatch_notifications(
-    mut pauses: AsyncFd<RingBuf<MapData>>,
+    mut events: AsyncFd<RingBuf<MapData>>,
     watcher: Arc<SocketWatcher>,
 ) {
     loop {
-        let mut guard = match pauses.readable_mut().await {
+        let mut guard = match events.readable_mut().await {
             Ok(guard) => guard,
             Err(e) => {
-                warn!("pause notifications stopped: {e}");
+                warn!("kernel notifications stopped: {e}");
                 return;
             }
         };

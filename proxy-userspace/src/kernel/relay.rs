@@ -4,7 +4,7 @@
 //!   byte is in the peer's TCP write queue, then shut the peer's write side (shutting it
 //!   earlier makes the queued redirects fail and drops them);
 //! - redirects ignore the peer's send buffer: when the program reports a peer backlog over
-//!   the limit, clamp the sending socket's receive window until the backlog halves;
+//!   the limit, shrink the sending socket's receive buffer until the backlog halves;
 //! - a detached flow (its peer could not join the map) keeps its bytes on the receiving
 //!   socket; userspace moves them, after the peer's redirect backlog has emptied.
 
@@ -31,11 +31,11 @@ use crate::{
 /// How often a connection re-reads its flows in case a notification was lost to a full
 /// ring buffer.
 const AUDIT_PERIOD: Duration = Duration::from_secs(5);
-/// Userspace buffer for moving a paused flow's bytes: part of the per-connection bound.
+/// Userspace buffer for moving a detached flow's bytes: part of the per-connection bound.
 pub const MOVE_BUFFER: usize = 64 * 1024;
-/// Receive buffer of every relayed socket: the advertised window is at most half of it,
-/// which bounds what a sender can still push after its flow is throttled.
-pub const RECEIVE_BUFFER: libc::c_int = 8 << 20;
+/// SO_RCVBUF of every relayed socket; the kernel doubles it (8 MiB of buffer), and the
+/// advertised window stays below that: what a sender can still push once throttled.
+pub const RECEIVE_BUFFER: libc::c_int = 4 << 20;
 /// SO_RCVLOWAT during setup: above any window (the kernel caps it at half the largest
 /// receive buffer), so data-ready, and with it the program, waits for the release.
 const HOLD_LOW_WATER: libc::c_int = libc::c_int::MAX;
@@ -128,7 +128,7 @@ impl KernelDataPlane {
             Ok(v) => v,
             Err(e) => return Err(Declined::intact(client, upstream, e)),
         };
-        // Watch first: pause notifications can come the moment a socket is in the map.
+        // Watch first: notifications can come the moment a socket is in the map.
         let client_signals = match self.watcher.watch(client_cookie, client.as_raw_fd()) {
             Ok(signals) => signals,
             Err(e) => return Err(Declined::intact(client, upstream, e.into())),
@@ -174,8 +174,8 @@ impl KernelDataPlane {
             return Err(connection.give_back(KernelRelayError::Io(e)));
         }
         // The upstream goes first; if it cannot join, nothing is in the map and userspace
-        // takes the whole connection. If only the client cannot, the upstream's flow stays
-        // paused (its peer is missing) and userspace moves both directions' bytes.
+        // takes the whole connection. If only the client cannot, the upstream's flow
+        // detaches (its peer is missing) and userspace moves both directions' bytes.
         if let Err(e) = connection.insert(true) {
             return Err(connection.give_back(e));
         }
