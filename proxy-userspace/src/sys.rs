@@ -67,6 +67,13 @@ pub fn set_receive_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<(
         .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes))
 }
 
+/// Fixes the send buffer (and turns off its autotuning), past net.core.wmem_max with
+/// CAP_NET_ADMIN.
+pub fn set_send_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &bytes)
+        .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &bytes))
+}
+
 /// Returns only after any softirq that is processing a packet for this socket has finished
 /// (TCP_INFO takes the socket lock), so every byte the program counted is queued by then.
 pub fn socket_barrier(fd: &impl AsRawFd) -> io::Result<()> {

@@ -45,28 +45,37 @@ pub fn sequential_connections_leave_nothing_behind(plane: Plane) {
     }
 }
 
-/// The documented bound on what one connection can make the kernel hold in kernel mode
-/// (README, "Memory"); the other planes hold less. The assertion leaves room for the
-/// rest of the machine's activity during the test.
-const KERNEL_BOUND_MIB: u64 = 32;
+/// The documented bound (README, "Backpressure and memory") on what one slow direction of a
+/// kernel-mode connection makes the kernel hold, normally: a 4 MiB backlog, a window under
+/// 16 MiB and an 8 MiB send buffer. The userspace planes hold less.
+const KERNEL_BOUND_MIB: u64 = 28;
+/// The test peers' own socket buffers, which a direct connection would fill too: the
+/// upstream's send buffer and the client's receive buffer (tcp_wmem and tcp_rmem maxima).
+const ENDPOINT_BUFFERS_MIB: u64 = 36;
 
 pub fn slow_reader_memory_is_bounded(plane: Plane) {
     let upstream = Upstream::start(Behaviour::Push(1 << 30));
     let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
         return;
     };
-    let available_before = meminfo_kib("MemAvailable");
+    // MemAvailable moves with the whole machine (page cache, reclaim): compare medians of
+    // samples, one second before the connection against the last two seconds of it.
+    let mut before = Vec::new();
+    for _ in 0..8 {
+        before.push(meminfo_kib("MemAvailable"));
+        thread::sleep(Duration::from_millis(125));
+    }
     let mut client = TcpStream::connect(relay.addr).expect("connect");
     // Read 64 KiB per second for 8 seconds: a pacing workload, not a synchroniser.
     let started = Instant::now();
     let mut buf = vec![0u8; 8 << 10];
     let mut read = 0usize;
-    let mut lowest_available = available_before;
+    let mut during = Vec::new();
     let mut highest_rss = 0;
     while started.elapsed() < Duration::from_secs(8) {
         client.read_exact(&mut buf).expect("slow read");
         read += buf.len();
-        lowest_available = lowest_available.min(meminfo_kib("MemAvailable"));
+        during.push(meminfo_kib("MemAvailable"));
         highest_rss = highest_rss.max(relay.rss_kib());
         thread::sleep(Duration::from_millis(125));
     }
@@ -75,9 +84,10 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
         .next_result(Duration::from_secs(30))
         .expect("upstream push")
         .len;
-    let grew_mib = available_before.saturating_sub(lowest_available) / 1024;
+    let at_end = during.split_off(during.len().saturating_sub(16));
+    let grew_mib = median(before).saturating_sub(median(at_end)) / 1024;
     eprintln!(
-        "{plane:?}: read {} KiB; upstream pushed {} MiB; MemAvailable fell by {grew_mib} MiB at most; relay RSS peaked at {} MiB",
+        "{plane:?}: read {} KiB; upstream pushed {} MiB; MemAvailable fell by {grew_mib} MiB; relay RSS peaked at {} MiB",
         read >> 10,
         pushed >> 20,
         highest_rss >> 10
@@ -87,16 +97,23 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
         "{plane:?}: relay RSS reached {} MiB",
         highest_rss >> 10
     );
+    // Room on top for skb overhead and the rest of the machine during the test.
+    let allowed_mib = KERNEL_BOUND_MIB + ENDPOINT_BUFFERS_MIB;
     assert!(
-        grew_mib < 3 * KERNEL_BOUND_MIB,
+        grew_mib < allowed_mib + 32,
         "{plane:?}: kernel memory grew by {grew_mib} MiB"
     );
-    // Backpressure reached the sender: it could not push much beyond the bounded buffers.
+    // Backpressure reached the sender: it could not push beyond the bounded buffers.
     assert!(
-        pushed < (2 * KERNEL_BOUND_MIB) << 20,
+        pushed < allowed_mib << 20,
         "{plane:?}: upstream pushed {} MiB",
         pushed >> 20
     );
+}
+
+fn median(mut samples: Vec<u64>) -> u64 {
+    samples.sort_unstable();
+    samples[samples.len() / 2]
 }
 
 pub fn kernel_mode_moves_bytes_without_the_relay_process() {
