@@ -22,8 +22,8 @@ pub const GLOBAL_BYTES_ACKED_OFFSET: &str = "TCP_BYTES_ACKED_OFFSET";
 /// Most bytes one flow may have redirected but not yet in the peer's TCP write queue.
 pub const GLOBAL_BACKLOG_LIMIT: &str = "FLOW_BACKLOG_LIMIT";
 
-/// Default for [`GLOBAL_BACKLOG_LIMIT`]: beyond this userspace clamps the sending socket's
-/// receive window until the backlog halves (the kernel never pushes back on redirects).
+/// Default for [`GLOBAL_BACKLOG_LIMIT`]: beyond this userspace shrinks the sending socket's
+/// receive buffer until the backlog halves (the kernel never pushes back on redirects).
 pub const DEFAULT_BACKLOG_LIMIT: u64 = 4 << 20;
 
 /// Capacity of the socket and flow maps: two entries per relayed connection.

@@ -1,9 +1,11 @@
 //! The kernel data plane: an `sk_skb/stream_verdict` program that sends every byte arriving
 //! on a relayed socket out of its peer socket. The kernel never pushes back on redirected
 //! bytes, so the program watches the peer's backlog (redirected, not yet in its TCP write
-//! queue) and tells userspace when it crosses a limit; userspace then clamps the sender's
-//! TCP window until the backlog drains. If the peer is not in the map the flow *detaches*:
-//! every byte from then on stays on the receiving socket (SK_PASS) for userspace to move.
+//! queue) and tells userspace when it crosses a limit; userspace then shrinks the sending
+//! socket's receive buffer, which closes the sender's TCP window, until the backlog drains.
+//! If the peer is not in the map, or the backlog passes a hard cap because userspace was
+//! too slow, the flow *detaches*: every byte from then on stays on the receiving socket
+//! (SK_PASS), where TCP's own accounting bounds it, for userspace to move.
 #![no_std]
 #![no_main]
 
