@@ -99,10 +99,15 @@ pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
 /// smaller than the truth, never larger.
 pub fn queued_total(fd: &impl AsRawFd) -> io::Result<u64> {
     let acked = tcp_info(fd)?.bytes_acked;
+    Ok(acked + unacked_or_unsent(fd)?)
+}
+
+/// SIOCOUTQ: bytes in the write queue, sent but unacknowledged or not sent yet.
+pub fn unacked_or_unsent(fd: &impl AsRawFd) -> io::Result<u64> {
     let mut outq: libc::c_int = 0;
     // SAFETY: outq is valid for the kernel to write.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) })?;
-    Ok(acked + outq as u64)
+    Ok(outq as u64)
 }
 
 pub struct TcpInfo {

@@ -117,17 +117,20 @@ impl KernelDataPlane {
         client: TcpStream,
         upstream: TcpStream,
     ) -> Result<KernelConnection<'_>, Declined> {
-        let prepared = (|| {
-            for stream in [&client, &upstream] {
-                if sys::tcp_info(stream)?.state != sys::TCP_ESTABLISHED {
-                    return Err(KernelRelayError::NotEstablished);
-                }
+        // One TCP_INFO per socket gives both its state and its acked bytes.
+        let established_queued_total = |stream: &TcpStream| {
+            let info = sys::tcp_info(stream)?;
+            if info.state != sys::TCP_ESTABLISHED {
+                return Err(KernelRelayError::NotEstablished);
             }
+            Ok(info.bytes_acked + sys::unacked_or_unsent(stream)?)
+        };
+        let prepared = (|| {
             Ok((
                 sys::socket_cookie(&client)?,
                 sys::socket_cookie(&upstream)?,
-                sys::queued_total(&client)?,
-                sys::queued_total(&upstream)?,
+                established_queued_total(&client)?,
+                established_queued_total(&upstream)?,
             ))
         })();
         let (client_cookie, upstream_cookie, client_queued, upstream_queued) = match prepared {
@@ -364,7 +367,10 @@ impl KernelConnection<'_> {
         loop {
             match sys::recv_nonblocking(&from.stream, &mut buf) {
                 Ok(0) => return Ok(true),
-                Ok(n) => self.forward_moved(from, to, &buf[..n]).await?,
+                Ok(n) => {
+                    self.wait_for_peer_backlog(from, to, 0).await?;
+                    self.forward_moved(from, to, &buf[..n]).await?;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(LocalFlowError::Source(e)),
@@ -376,6 +382,9 @@ impl KernelConnection<'_> {
     /// byte is read by userspace, behind whatever was redirected before.
     async fn copy_rest_in_userspace(&self, from: &Side, to: &Side) -> Result<(), LocalFlowError> {
         self.want(from, READABLE, true)?;
+        // Nothing from this source is redirected any more: once the backlog is in the
+        // destination's queue, every write from here goes behind it.
+        self.wait_for_peer_backlog(from, to, 0).await?;
         let mut buf = vec![0u8; MOVE_BUFFER];
         loop {
             match sys::recv_nonblocking(&from.stream, &mut buf) {
@@ -391,18 +400,17 @@ impl KernelConnection<'_> {
                 Err(e) => return Err(LocalFlowError::Source(e)),
             }
         }
-        self.wait_for_peer_backlog(from, to, 0).await?;
         sys::shutdown_write(&to.stream).map_err(LocalFlowError::Destination)
     }
 
-    /// Writes bytes userspace read from `from` to `to`, behind every redirected byte.
+    /// Writes bytes userspace read from `from` to `to`; the caller has made sure every
+    /// redirected byte is already in `to`'s write queue.
     async fn forward_moved(
         &self,
         from: &Side,
         to: &Side,
         bytes: &[u8],
     ) -> Result<(), LocalFlowError> {
-        self.wait_for_peer_backlog(from, to, 0).await?;
         self.write_all(to, bytes).await?;
         from.moved.fetch_add(bytes.len() as u64, Ordering::AcqRel);
         from.peer_userspace
