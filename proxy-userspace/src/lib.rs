@@ -1,10 +1,17 @@
 //! ebpf-proxy: a TCP relay whose bytes are forwarded inside the kernel by an sk_skb eBPF
-//! program, with a tokio control plane that only sets connections up and tears them down.
+//! program, with a tokio control plane that sets connections up (limits, PROXY headers,
+//! TLS, upstream pools) and tears them down.
 
+pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod kernel;
+mod limits;
+pub mod metrics;
+pub mod proxy_protocol;
 mod server;
 mod sys;
+pub mod tls;
+pub mod upstream;
 
 pub use server::{RelayError, choose_data_plane, run};

@@ -1,25 +1,63 @@
+use std::process::ExitCode;
+
 use anyhow::Context as _;
 use clap::Parser as _;
-use ebpf_proxy::config::Config;
+use ebpf_proxy::{
+    cli::{Cli, Command},
+    config::{Config, Overrides, Source, TlsSource},
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let config = Config::parse();
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
-    match serve(config).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let result = match cli.command {
+        Some(Command::Config { preset }) => {
+            print!("{}", preset.text());
+            Ok(())
+        }
+        Some(Command::Check { config }) => check(Source::File(config)),
+        Some(Command::Status { metrics }) => ebpf_proxy::metrics::status(metrics)
+            .await
+            .map(|text| print!("{text}"))
+            .map_err(Into::into),
+        None => match Config::load(&cli.run.source(), &cli.run.overrides()) {
+            Ok(config) => serve(config).await,
+            Err(e) => Err(e.into()),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
+}
+
+/// `ebpf-proxy check`: everything that can be verified without binding or connecting.
+fn check(source: Source) -> anyhow::Result<()> {
+    let config = Config::load(&source, &Overrides::default())?;
+    if let TlsSource::Files { .. } = config.tls {
+        ebpf_proxy::tls::acceptor(&config.tls)?;
+    }
+    let Source::File(path) = source else {
+        unreachable!("check reads files")
+    };
+    println!(
+        "{}: ok ({} listeners, {} pools)",
+        path.display(),
+        config.listeners.len(),
+        config.pools.len()
+    );
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -149,15 +149,28 @@ pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
 
 /// Non-blocking recv: Ok(0) is end of stream, WouldBlock means nothing queued now.
 pub fn recv_nonblocking(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(fd, buf, libc::MSG_DONTWAIT)
+}
+
+/// Copies the start of the receive queue without consuming it.
+pub fn peek_nonblocking(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(fd, buf, libc::MSG_DONTWAIT | libc::MSG_PEEK)
+}
+
+fn recv_flags(fd: &impl AsRawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: buf is valid for writes of its length.
-    check_size(unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    })
+    check_size(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) })
+}
+
+/// CLOCK_MONOTONIC_COARSE, the clock of bpf_ktime_get_coarse_ns, in nanoseconds.
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: now is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 pub fn send_nonblocking(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {

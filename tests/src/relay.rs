@@ -69,6 +69,12 @@ impl Relay {
     pub fn start_on(plane: Plane, listen: &str, upstream: &str, extra: &[&str]) -> Option<Self> {
         let forward = format!("{listen}={upstream}");
         let mut args = vec!["--forward", forward.as_str(), "--dataplane", plane.arg()];
+        // Every test client is 127.0.0.1: data-plane tests run without per-IP limits.
+        for limit in ["--per-ip-rate", "--per-ip-connections"] {
+            if !extra.contains(&limit) {
+                args.extend([limit, "0"]);
+            }
+        }
         args.extend_from_slice(extra);
         match Self::spawn(&args) {
             Ok(relay) => Some(relay),

@@ -1,6 +1,9 @@
 //! Userspace copy: read into a fixed buffer, write it all out, repeat.
 
-use std::io;
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use tokio::net::TcpStream;
 
@@ -10,8 +13,13 @@ use crate::sys;
 /// Per-direction buffer: with the socket buffers, the whole of what one direction holds.
 pub const COPY_BUFFER: usize = 64 * 1024;
 
-/// Forwards `from` to `to` until EOF, then shuts `to`'s write side. Returns bytes moved.
-pub async fn forward(from: &TcpStream, to: &TcpStream) -> Result<u64, DirectionError> {
+/// Forwards `from` to `to` until EOF, then shuts `to`'s write side. Returns bytes moved,
+/// and counts them in `moved` as they go.
+pub async fn forward(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &AtomicU64,
+) -> Result<u64, DirectionError> {
     let mut buf = vec![0u8; COPY_BUFFER];
     let mut total = 0u64;
     loop {
@@ -24,6 +32,7 @@ pub async fn forward(from: &TcpStream, to: &TcpStream) -> Result<u64, DirectionE
         };
         write_all(to, &buf[..n]).await?;
         total += n as u64;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
     }
     sys::shutdown_write(to).map_err(DirectionError::Destination)?;
     Ok(total)

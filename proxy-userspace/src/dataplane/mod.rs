@@ -6,11 +6,23 @@
 
 mod copy;
 mod splice;
+mod stream;
+mod watchdog;
 
-use std::{io, os::fd::AsRawFd, sync::Arc};
+use std::{
+    io,
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
+
+pub use stream::relay_streams;
+pub use watchdog::{Expiry, Supervision, Watchdog};
 
 use crate::{kernel::KernelDataPlane, sys};
 
@@ -49,14 +61,15 @@ impl DataPlane {
         &self,
         client: TcpStream,
         upstream: TcpStream,
+        supervision: &Supervision,
     ) -> Result<Transfer, FlowError> {
         match self {
-            Self::Copy => relay_userspace(client, upstream, false).await,
-            Self::Splice => relay_userspace(client, upstream, true).await,
+            Self::Copy => relay_userspace(client, upstream, false, supervision).await,
+            Self::Splice => relay_userspace(client, upstream, true, supervision).await,
             Self::Kernel(kernel) => {
                 let client = client.into_std().map_err(FlowError::Client)?;
                 let upstream = upstream.into_std().map_err(FlowError::Upstream)?;
-                match kernel.relay(client, upstream).await {
+                match kernel.relay(client, upstream, supervision).await {
                     Ok(result) => result,
                     Err(declined) => {
                         let Some((client, upstream)) = declined.sockets else {
@@ -70,7 +83,7 @@ impl DataPlane {
                         let client = TcpStream::from_std(client).map_err(FlowError::Client)?;
                         let upstream =
                             TcpStream::from_std(upstream).map_err(FlowError::Upstream)?;
-                        relay_userspace(client, upstream, true).await
+                        relay_userspace(client, upstream, true, supervision).await
                     }
                 }
             }
@@ -85,24 +98,48 @@ pub struct Transfer {
     pub upstream_to_client: u64,
 }
 
-/// A connection that ended with a reset or socket error, named by the side that failed.
+/// Bytes each direction has moved so far, updated as they move.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub client_to_upstream: AtomicU64,
+    pub upstream_to_client: AtomicU64,
+}
+
+impl Progress {
+    pub fn snapshot(&self) -> Transfer {
+        Transfer {
+            client_to_upstream: self.client_to_upstream.load(Ordering::Relaxed),
+            upstream_to_client: self.upstream_to_client.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A connection that ended with a reset or socket error, named by the side that failed,
+/// or that the relay closed on a timeout.
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {
     #[error("client side: {0}")]
     Client(io::Error),
     #[error("upstream side: {0}")]
     Upstream(io::Error),
+    #[error("closed by the relay: {0}")]
+    Expired(Expiry),
 }
 
 impl FlowError {
-    /// The side that did not fail learns of it the way TCP says it: a reset.
+    /// Sides that did not fail learn of it the way TCP says it: a reset. A timeout resets
+    /// both, so neither waits on a connection the relay gave up.
     pub fn propagate_reset(&self, client: &impl AsRawFd, upstream: &impl AsRawFd) {
-        let other: &dyn AsRawFd = match self {
-            Self::Client(_) => upstream,
-            Self::Upstream(_) => client,
+        let (client, upstream) = (client.as_raw_fd(), upstream.as_raw_fd());
+        let others: &[i32] = match self {
+            Self::Client(_) => &[upstream],
+            Self::Upstream(_) => &[client],
+            Self::Expired(_) => &[client, upstream],
         };
-        // Best effort: the socket is closed right after either way.
-        let _ = sys::set_linger_zero(&other.as_raw_fd());
+        for fd in others {
+            // Best effort: the socket is closed right after either way.
+            let _ = sys::set_linger_zero(fd);
+        }
     }
 }
 
@@ -116,19 +153,22 @@ async fn relay_userspace(
     client: TcpStream,
     upstream: TcpStream,
     zero_copy: bool,
+    supervision: &Supervision,
 ) -> Result<Transfer, FlowError> {
+    let progress = Progress::default();
+    let (up, down) = (&progress.client_to_upstream, &progress.upstream_to_client);
     let (to_upstream, to_client) = if zero_copy {
         (
-            splice::forward(&client, &upstream).await_boxed(),
-            splice::forward(&upstream, &client).await_boxed(),
+            splice::forward(&client, &upstream, up).await_boxed(),
+            splice::forward(&upstream, &client, down).await_boxed(),
         )
     } else {
         (
-            copy::forward(&client, &upstream).await_boxed(),
-            copy::forward(&upstream, &client).await_boxed(),
+            copy::forward(&client, &upstream, up).await_boxed(),
+            copy::forward(&upstream, &client, down).await_boxed(),
         )
     };
-    let result = run_both(to_upstream, to_client).await;
+    let result = run_both(to_upstream, to_client, &progress, supervision).await;
     if let Err(e) = &result {
         e.propagate_reset(&client, &upstream);
     }
@@ -148,26 +188,40 @@ impl<'a, F: Future<Output = Result<u64, DirectionError>> + Send + 'a> Boxed<'a> 
     }
 }
 
-/// Drives both directions; the first failure ends the connection.
+/// Drives both directions under the watchdog; the first failure or timeout ends the
+/// connection.
 async fn run_both(
     mut to_upstream: DirectionFuture<'_>,
     mut to_client: DirectionFuture<'_>,
+    progress: &Progress,
+    supervision: &Supervision,
 ) -> Result<Transfer, FlowError> {
-    let mut transfer = Transfer::default();
+    let mut watchdog = Watchdog::new(supervision);
+    let mut ticker = watchdog.ticker();
     let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
+    let result = loop {
+        if up_done && down_done {
+            break Ok(());
+        }
         tokio::select! {
             r = &mut to_upstream, if !up_done => match r {
-                Ok(n) => { transfer.client_to_upstream = n; up_done = true; }
-                Err(DirectionError::Source(e)) => return Err(FlowError::Client(e)),
-                Err(DirectionError::Destination(e)) => return Err(FlowError::Upstream(e)),
+                Ok(_) => { up_done = true; watchdog.one_side_done(); }
+                Err(DirectionError::Source(e)) => break Err(FlowError::Client(e)),
+                Err(DirectionError::Destination(e)) => break Err(FlowError::Upstream(e)),
             },
             r = &mut to_client, if !down_done => match r {
-                Ok(n) => { transfer.upstream_to_client = n; down_done = true; }
-                Err(DirectionError::Source(e)) => return Err(FlowError::Upstream(e)),
-                Err(DirectionError::Destination(e)) => return Err(FlowError::Client(e)),
+                Ok(_) => { down_done = true; watchdog.one_side_done(); }
+                Err(DirectionError::Source(e)) => break Err(FlowError::Upstream(e)),
+                Err(DirectionError::Destination(e)) => break Err(FlowError::Client(e)),
             },
+            _ = ticker.tick() => {
+                if let Err(expiry) = watchdog.check(progress.snapshot(), None) {
+                    break Err(FlowError::Expired(expiry));
+                }
+            }
         }
-    }
-    Ok(transfer)
+    };
+    let transfer = progress.snapshot();
+    watchdog.report(transfer);
+    result.map(|()| transfer)
 }

@@ -1,6 +1,9 @@
 //! splice(2): socket to pipe to socket, pages moved by the kernel, readiness from tokio.
 
-use std::io;
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use tokio::{io::Interest, net::TcpStream};
 
@@ -10,8 +13,13 @@ use crate::sys;
 /// Largest chunk moved per splice; the pipe's default capacity (16 pages) bounds it anyway.
 const CHUNK: usize = 64 * 1024;
 
-/// Forwards `from` to `to` until EOF, then shuts `to`'s write side. Returns bytes moved.
-pub async fn forward(from: &TcpStream, to: &TcpStream) -> Result<u64, DirectionError> {
+/// Forwards `from` to `to` until EOF, then shuts `to`'s write side. Returns bytes moved,
+/// and counts them in `moved` as they go.
+pub async fn forward(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &AtomicU64,
+) -> Result<u64, DirectionError> {
     let (pipe_read, pipe_write) = sys::pipe().map_err(DirectionError::Source)?;
     let mut total = 0u64;
     loop {
@@ -25,16 +33,17 @@ pub async fn forward(from: &TcpStream, to: &TcpStream) -> Result<u64, DirectionE
         }
         let mut in_pipe = n;
         while in_pipe > 0 {
-            let moved = to
+            let sent = to
                 .async_io(Interest::WRITABLE, || sys::splice(&pipe_read, to, in_pipe))
                 .await
                 .map_err(DirectionError::Destination)?;
-            if moved == 0 {
+            if sent == 0 {
                 return Err(DirectionError::Destination(io::ErrorKind::WriteZero.into()));
             }
-            in_pipe -= moved;
+            in_pipe -= sent;
         }
         total += n as u64;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
     }
     sys::shutdown_write(to).map_err(DirectionError::Destination)?;
     Ok(total)

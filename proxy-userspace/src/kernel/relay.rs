@@ -24,7 +24,7 @@ use super::{
     watcher::{ERROR, HANGUP, NOTIFIED, READABLE, SocketSignals, WRITABLE},
 };
 use crate::{
-    dataplane::{FlowError, Transfer},
+    dataplane::{FlowError, Supervision, Transfer, Watchdog},
     sys,
 };
 
@@ -105,11 +105,12 @@ impl KernelDataPlane {
         &self,
         client: TcpStream,
         upstream: TcpStream,
+        supervision: &Supervision,
     ) -> Result<Result<Transfer, FlowError>, Declined> {
         let connection = self.join_maps(client, upstream).inspect_err(|_| {
             self.fallbacks.fetch_add(1, Ordering::Relaxed);
         })?;
-        Ok(connection.run().await)
+        Ok(connection.run(supervision).await)
     }
 
     fn join_maps(
@@ -274,7 +275,9 @@ impl KernelConnection<'_> {
         }
     }
 
-    async fn run(self) -> Result<Transfer, FlowError> {
+    async fn run(self, supervision: &Supervision) -> Result<Transfer, FlowError> {
+        let mut watchdog = Watchdog::new(supervision);
+        let mut ticker = watchdog.ticker();
         let result = {
             let to_upstream = self.run_flow(&self.client, &self.upstream);
             let to_client = self.run_flow(&self.upstream, &self.client);
@@ -283,32 +286,45 @@ impl KernelConnection<'_> {
             loop {
                 tokio::select! {
                     r = &mut to_upstream, if !up_done => match r {
-                        Ok(()) => up_done = true,
+                        Ok(()) => { up_done = true; watchdog.one_side_done(); }
                         Err(e) => break Err(e.towards_upstream()),
                     },
                     r = &mut to_client, if !down_done => match r {
-                        Ok(()) => down_done = true,
+                        Ok(()) => { down_done = true; watchdog.one_side_done(); }
                         Err(e) => break Err(e.towards_client()),
                     },
+                    _ = ticker.tick() => {
+                        let (transfer, idle_for) = self.activity();
+                        if let Err(expiry) = watchdog.check(transfer, Some(idle_for)) {
+                            break Err(FlowError::Expired(expiry));
+                        }
+                    }
                 }
                 if up_done && down_done {
                     break Ok(());
                 }
             }
         };
-        let transfer = Transfer {
-            client_to_upstream: self.flow_bytes(&self.client),
-            upstream_to_client: self.flow_bytes(&self.upstream),
-        };
+        let (transfer, _) = self.activity();
+        watchdog.report(transfer);
         if let Err(e) = &result {
             e.propagate_reset(&self.client.stream, &self.upstream.stream);
         }
         result.map(|()| transfer)
     }
 
-    fn flow_bytes(&self, from: &Side) -> u64 {
-        let state = self.state(from);
-        state.redirected_bytes + from.moved.load(Ordering::Acquire)
+    /// Bytes each way (counted by the program, plus what userspace moved) and how long
+    /// the program has seen no packet on either socket.
+    fn activity(&self) -> (Transfer, Duration) {
+        let (client, upstream) = (self.state(&self.client), self.state(&self.upstream));
+        let transfer = Transfer {
+            client_to_upstream: client.redirected_bytes + self.client.moved.load(Ordering::Acquire),
+            upstream_to_client: upstream.redirected_bytes
+                + self.upstream.moved.load(Ordering::Acquire),
+        };
+        let last_packet = client.last_active_ns.max(upstream.last_active_ns);
+        let idle_for = Duration::from_nanos(sys::monotonic_coarse_ns().saturating_sub(last_packet));
+        (transfer, idle_for)
     }
 
     /// Carries one direction until its source's EOF has reached the destination.

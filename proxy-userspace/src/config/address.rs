@@ -1,44 +1,12 @@
-//! Command-line configuration: what to listen on, where to forward, how to move bytes.
+//! Addresses as operators write them: `LISTEN=UPSTREAM` rules, `HOST:PORT` upstreams,
+//! `HOST=IP` pins and durations such as `10s` or `5m`.
 
-use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
-
-use clap::Parser;
-
-use crate::dataplane::DataPlaneChoice;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "ebpf-proxy",
-    version,
-    about = "A TCP relay whose bytes move inside the kernel (sockmap + sk_skb eBPF).",
-    after_help = "Example: ebpf-proxy --forward 0.0.0.0:5222=upstream.example:5222"
-)]
-pub struct Config {
-    /// Listen on LISTEN (IP:PORT or [IPv6]:PORT) and relay each connection to UPSTREAM
-    /// (HOST:PORT, resolved when connecting). Repeatable.
-    #[arg(long = "forward", value_name = "LISTEN=UPSTREAM", required = true)]
-    pub forwards: Vec<Forward>,
-
-    /// How bytes move: kernel (eBPF sockmap), splice, copy, or auto (kernel when the eBPF
-    /// program loads, otherwise splice).
-    #[arg(long, value_enum, default_value_t = DataPlaneChoice::Auto)]
-    pub dataplane: DataPlaneChoice,
-
-    /// Seconds to wait for the upstream to accept before closing the client.
-    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_seconds)]
-    pub connect_timeout: Duration,
-
-    /// Connections relayed at once; further clients wait in the listen backlog.
-    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub max_connections: u32,
-}
-
-impl Config {
-    /// Sockhash capacity: two sockets per connection.
-    pub fn max_sockets(&self) -> u32 {
-        self.max_connections.saturating_mul(2)
-    }
-}
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+    time::Duration,
+};
 
 /// One `--forward LISTEN=UPSTREAM` rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,8 +15,9 @@ pub struct Forward {
     pub upstream: Upstream,
 }
 
-/// `HOST:PORT`, kept as text so DNS is asked at each connect.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `HOST:PORT`, kept as text so DNS can be asked again while the relay runs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct Upstream {
     pub host: String,
     pub port: u16,
@@ -120,12 +89,75 @@ impl FromStr for Upstream {
     }
 }
 
-fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
+impl TryFrom<String> for Upstream {
+    type Error = ForwardError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// `--resolve HOST=IP`: answers for HOST without asking DNS (repeat it for several IPs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pin {
+    pub host: String,
+    pub ip: IpAddr,
+}
+
+impl FromStr for Pin {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (host, ip) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected HOST=IP, e.g. g.whatsapp.net=127.0.0.2, not {s:?}"))?;
+        let host = host.trim();
+        if host.is_empty() || host.chars().any(char::is_whitespace) {
+            return Err(format!("{host:?} is not a host name"));
+        }
+        let ip = ip
+            .trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| format!("{ip:?} is not an IP address"))?;
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            ip,
+        })
+    }
+}
+
+/// The longest timeout or interval accepted anywhere: a day.
+const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
+/// `250ms`, `10s`, `5m`, `1h`, or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    let value: f64 = number
         .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(secs > 0.0 && secs <= 3600.0) {
-        return Err(format!("{s} must be more than 0 and at most 3600 seconds"));
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 250ms, 5m)"))?;
+    seconds_to_duration(value * scale).map_err(|e| format!("{s:?}: {e}"))
+}
+
+pub fn seconds_to_duration(secs: f64) -> Result<Duration, String> {
+    if !(secs > 0.0 && secs <= MAX_DURATION.as_secs_f64()) {
+        return Err("must be more than 0 and at most 24h".into());
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -149,6 +181,27 @@ mod tests {
         assert_eq!(f.listen, "[::1]:80".parse().unwrap());
         assert_eq!(f.upstream.host, "2001:db8::1");
         assert_eq!(f.upstream.to_string(), "[2001:db8::1]:8080");
+    }
+
+    #[test]
+    fn parses_pins_and_durations() {
+        let pin: Pin = "G.WhatsApp.net=127.0.0.2".parse().unwrap();
+        assert_eq!(pin.host, "g.whatsapp.net");
+        assert_eq!(pin.ip, "127.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            "h=[::1]".parse::<Pin>().unwrap().ip,
+            "::1".parse::<IpAddr>().unwrap()
+        );
+        assert!("h".parse::<Pin>().is_err());
+        assert!("h=example.org".parse::<Pin>().is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["0", "-1s", "10x", "s", "", "25h", "1e3"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -179,28 +232,6 @@ mod tests {
         assert_eq!(
             err("127.0.0.1:80=a:99999"),
             ForwardError::BadPort("a:99999".into())
-        );
-    }
-
-    #[test]
-    fn command_line_defaults_and_errors() {
-        let c = Config::try_parse_from(["ebpf-proxy", "--forward", "127.0.0.1:1=a:2"]).unwrap();
-        assert_eq!(c.dataplane, DataPlaneChoice::Auto);
-        assert_eq!(c.connect_timeout, Duration::from_secs(5));
-        assert!(Config::try_parse_from(["ebpf-proxy"]).is_err());
-        assert!(
-            Config::try_parse_from(["ebpf-proxy", "--forward", "x", "--dataplane", "magic"])
-                .is_err()
-        );
-        assert!(
-            Config::try_parse_from([
-                "ebpf-proxy",
-                "--forward",
-                "127.0.0.1:1=a:2",
-                "--connect-timeout",
-                "0"
-            ])
-            .is_err()
         );
     }
 }

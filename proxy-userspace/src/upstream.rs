@@ -1,0 +1,292 @@
+//! Upstream pools: servers in order, each with its resolved addresses and health; connects
+//! fail over to the next server; a background task re-resolves names and runs health checks.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    net::{TcpStream, lookup_host},
+    time::timeout,
+};
+use tracing::{info, warn};
+
+use crate::config::{Balance, PoolConfig, Upstream};
+
+/// `--resolve` answers, by lower-case host name.
+pub type Pins = Arc<BTreeMap<String, Vec<IpAddr>>>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {upstream} does not resolve: {reason} (check the name, or use an IP address)")]
+pub struct ResolveError {
+    pub upstream: String,
+    pub reason: String,
+}
+
+pub struct Server {
+    pub upstream: Upstream,
+    addrs: Mutex<Vec<SocketAddr>>,
+    up: AtomicBool,
+}
+
+impl Server {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.addrs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records a health change, logging only transitions.
+    fn set_up(&self, pool: &str, up: bool, why: &dyn std::fmt::Display) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                info!("upstream {} (pool {pool}) is up", self.upstream);
+            } else {
+                warn!("upstream {} (pool {pool}) is down: {why}", self.upstream);
+            }
+        }
+    }
+}
+
+pub struct Pool {
+    pub name: String,
+    config: PoolConfig,
+    servers: Vec<Server>,
+    next: AtomicUsize,
+    pins: Pins,
+}
+
+impl Pool {
+    /// Resolves every server once. A pool none of whose servers resolve cannot serve, so
+    /// that is an error; a server that does not resolve yet is retried at each re-resolve.
+    pub async fn resolve(config: &PoolConfig, pins: Pins) -> Result<Arc<Self>, ResolveError> {
+        let mut servers = Vec::with_capacity(config.servers.len());
+        let mut first_error = None;
+        for upstream in &config.servers {
+            let addrs = match resolve(upstream, &pins).await {
+                Ok(addrs) => addrs,
+                Err(e) => {
+                    warn!("{e}; retrying every {:?}", config.resolve_interval);
+                    first_error.get_or_insert(e);
+                    Vec::new()
+                }
+            };
+            servers.push(Server {
+                upstream: upstream.clone(),
+                up: AtomicBool::new(!addrs.is_empty()),
+                addrs: Mutex::new(addrs),
+            });
+        }
+        if let Some(e) = first_error
+            && servers.iter().all(|s| !s.is_up())
+        {
+            return Err(e);
+        }
+        Ok(Arc::new(Self {
+            name: config.name.clone(),
+            config: config.clone(),
+            servers,
+            next: AtomicUsize::new(0),
+            pins,
+        }))
+    }
+
+    pub fn servers(&self) -> &[Server] {
+        &self.servers
+    }
+
+    /// Servers in the order to try: by the balance rule, healthy ones first (a server
+    /// marked down is still tried last: it may be back before its next check).
+    fn order(&self) -> Vec<&Server> {
+        let start = match self.config.balance {
+            Balance::Failover => 0,
+            Balance::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed),
+        };
+        let n = self.servers.len();
+        let mut order: Vec<&Server> = (0..n).map(|i| &self.servers[(start + i) % n]).collect();
+        order.sort_by_key(|s| !s.is_up());
+        order
+    }
+
+    /// Connects to the first server that accepts within `limit` per attempt.
+    pub async fn connect(&self, limit: Duration) -> Result<TcpStream, ConnectError> {
+        let mut last = ConnectError::NoAddresses;
+        for server in self.order() {
+            for addr in server.addrs() {
+                match timeout(limit, TcpStream::connect(addr)).await {
+                    Ok(Ok(stream)) => {
+                        server.set_up(&self.name, true, &"");
+                        return Ok(stream);
+                    }
+                    Ok(Err(e)) => {
+                        server.set_up(&self.name, false, &e);
+                        last = ConnectError::Refused(server.upstream.clone(), e);
+                    }
+                    Err(_) => {
+                        server.set_up(&self.name, false, &"connect timed out");
+                        last = ConnectError::TimedOut(server.upstream.clone(), limit);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Re-resolves names and runs health checks for as long as the task lives.
+    pub async fn maintain(self: Arc<Self>) {
+        let mut resolve_tick = tokio::time::interval(self.config.resolve_interval);
+        resolve_tick.reset();
+        let mut health_tick = self.config.health_interval.map(tokio::time::interval);
+        loop {
+            tokio::select! {
+                _ = resolve_tick.tick() => self.re_resolve().await,
+                _ = async { health_tick.as_mut().expect("guarded").tick().await }, if health_tick.is_some() => {
+                    self.check_health().await;
+                }
+            }
+        }
+    }
+
+    async fn re_resolve(&self) {
+        for server in &self.servers {
+            match resolve(&server.upstream, &self.pins).await {
+                Ok(addrs) => {
+                    let mut current = server.addrs.lock().unwrap_or_else(|e| e.into_inner());
+                    if *current != addrs {
+                        info!("upstream {} now resolves to {addrs:?}", server.upstream);
+                        *current = addrs;
+                    }
+                }
+                // Keep the last good answer: a DNS hiccup must not take the pool down.
+                Err(e) => warn!("{e}; keeping the previous addresses"),
+            }
+        }
+    }
+
+    async fn check_health(&self) {
+        for server in &self.servers {
+            let Some(addr) = server.addrs().first().copied() else {
+                server.set_up(&self.name, false, &"no addresses");
+                continue;
+            };
+            match timeout(self.config.health_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(_probe)) => server.set_up(&self.name, true, &""),
+                Ok(Err(e)) => server.set_up(&self.name, false, &e),
+                Err(_) => server.set_up(&self.name, false, &"health check timed out"),
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no server has an address yet")]
+    NoAddresses,
+    #[error("{0} refused: {1}")]
+    Refused(Upstream, io::Error),
+    #[error("{0} did not answer within {1:?}")]
+    TimedOut(Upstream, Duration),
+}
+
+async fn resolve(upstream: &Upstream, pins: &Pins) -> Result<Vec<SocketAddr>, ResolveError> {
+    let error = |reason: String| ResolveError {
+        upstream: upstream.to_string(),
+        reason,
+    };
+    if let Some(ips) = pins.get(&upstream.host.to_ascii_lowercase()) {
+        return Ok(ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, upstream.port))
+            .collect());
+    }
+    let addrs: Vec<_> = lookup_host((upstream.host.as_str(), upstream.port))
+        .await
+        .map_err(|e| error(e.to_string()))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(error("no addresses".into()));
+    }
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pool(balance: Balance, listeners: &[&tokio::net::TcpListener]) -> Arc<Pool> {
+        let servers = (0..listeners.len())
+            .map(|i| {
+                format!(
+                    "server{i}.test:{}",
+                    listeners[i].local_addr().unwrap().port()
+                )
+                .parse()
+                .unwrap()
+            })
+            .collect();
+        let pins = (0..listeners.len())
+            .map(|i| {
+                (
+                    format!("server{i}.test"),
+                    vec![listeners[i].local_addr().unwrap().ip()],
+                )
+            })
+            .collect();
+        let config = PoolConfig {
+            name: "p".into(),
+            servers,
+            balance,
+            health_interval: None,
+            health_timeout: Duration::from_secs(1),
+            resolve_interval: Duration::from_secs(60),
+        };
+        Pool::resolve(&config, Arc::new(pins)).await.unwrap()
+    }
+
+    async fn accepted_by(listeners: &[&tokio::net::TcpListener], stream: &TcpStream) -> usize {
+        let local = stream.local_addr().unwrap();
+        for (i, l) in listeners.iter().enumerate() {
+            if let Ok(Ok((s, _))) = timeout(Duration::from_millis(200), l.accept()).await
+                && s.peer_addr().unwrap() == local
+            {
+                return i;
+            }
+        }
+        panic!("no listener accepted {local}");
+    }
+
+    #[tokio::test]
+    async fn failover_prefers_the_first_and_skips_a_dead_server() {
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = pool(Balance::Failover, &[&a, &b]).await;
+        let s = pool.connect(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(accepted_by(&[&a, &b], &s).await, 0);
+        drop(a);
+        let s = pool.connect(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(accepted_by(&[&b], &s).await, 0);
+        assert!(!pool.servers()[0].is_up() && pool.servers()[1].is_up());
+    }
+
+    #[tokio::test]
+    async fn round_robin_alternates() {
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = pool(Balance::RoundRobin, &[&a, &b]).await;
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let s = pool.connect(Duration::from_secs(1)).await.unwrap();
+            seen.push(accepted_by(&[&a, &b], &s).await);
+        }
+        assert_eq!(seen, [0, 1, 0, 1]);
+    }
+}
