@@ -135,13 +135,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 plane.name()
             },
         );
-        bound.push((socket, listener.clone(), pool));
+        let mut listener = listener.clone();
+        listener.name.get_or_insert_with(|| addr.to_string());
+        bound.push((socket, listener, pool));
     }
 
     let mut tasks = tokio::task::JoinSet::new();
     let listener_metrics: Vec<Arc<ListenerMetrics>> = bound
         .iter()
-        .map(|(_, l, _)| Arc::new(ListenerMetrics::new(l.name.clone())))
+        .map(|(_, l, _)| Arc::new(ListenerMetrics::new(l.name.clone().unwrap_or_default())))
         .collect();
     if let Some(addr) = config.metrics {
         let (socket, local) = bind(addr).await?;
@@ -180,6 +182,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ));
     }
     tasks.spawn(report_status_on_sigusr1(plane.clone(), Arc::clone(&open)));
+    info!("ready: {} listeners", config.listeners.len());
 
     shutdown.await;
     info!("shutting down: closing listeners and connections");
@@ -238,7 +241,7 @@ async fn accept_loop(
                         debug!(
                             "refused {} on {}: {}",
                             Client(peer, shared.log_clients),
-                            listener.config.name,
+                            listener.metrics.name,
                             reason.label()
                         );
                         reset(&client);
@@ -302,7 +305,7 @@ impl Connection {
         debug!(
             "closed {} on {} ({}): {why}",
             Client(self.peer, self.shared.log_clients),
-            self.listener.config.name,
+            self.listener.metrics.name,
             reason.label()
         );
     }

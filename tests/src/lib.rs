@@ -2,9 +2,11 @@
 //! peers against it over loopback, and read what the kernel says about the process.
 
 pub mod peers;
+pub mod proxied;
 pub mod relay;
 
 pub use peers::*;
+pub use proxied::*;
 pub use relay::*;
 
 use std::time::{Duration, Instant};

@@ -44,7 +44,12 @@ pub fn bpf_required() -> bool {
 /// A running relay; killed (SIGKILL) if the test did not stop it.
 pub struct Relay {
     child: Child,
+    /// The first listener's address.
     pub addr: SocketAddr,
+    /// Every listener's address, in configuration order.
+    pub addrs: Vec<SocketAddr>,
+    /// The metrics endpoint, when one was asked for.
+    pub metrics: Option<SocketAddr>,
     log: mpsc::Receiver<String>,
     pub lines: Vec<String>,
 }
@@ -96,6 +101,11 @@ impl Relay {
 
     /// As [`Relay::spawn`], run through a wrapper command (e.g. `setpriv ...`).
     pub fn spawn_via(wrapper: &[&str], args: &[&str]) -> Result<Self, String> {
+        Self::spawn_logging(wrapper, args, "info")
+    }
+
+    /// As [`Relay::spawn_via`], with RUST_LOG set to `log`.
+    pub fn spawn_logging(wrapper: &[&str], args: &[&str], log: &str) -> Result<Self, String> {
         let mut command = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut command = Command::new(program);
@@ -106,7 +116,7 @@ impl Relay {
         };
         let mut child = command
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -130,27 +140,39 @@ impl Relay {
         let mut relay = Self {
             child,
             addr: "0.0.0.0:0".parse().expect("placeholder"),
+            addrs: Vec::new(),
+            metrics: None,
             log,
             lines: Vec::new(),
         };
-        match relay.wait_for_line("listening on ", Duration::from_secs(20)) {
-            Some(line) => {
-                let addr = line
-                    .split("listening on ")
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .and_then(|a| a.parse().ok())
-                    .unwrap_or_else(|| panic!("cannot parse a listening address from {line:?}"));
-                relay.addr = addr;
-                Ok(relay)
-            }
-            None => {
-                let _ = relay.child.kill();
-                let _ = relay.child.wait();
-                relay.drain_log(Duration::from_millis(500));
-                Err(relay.lines.join("\n"))
-            }
+        // "ready" comes once every listener is bound.
+        if relay
+            .wait_for_line("ready: ", Duration::from_secs(20))
+            .is_none()
+        {
+            let _ = relay.child.kill();
+            let _ = relay.child.wait();
+            relay.drain_log(Duration::from_millis(500));
+            return Err(relay.lines.join("\n"));
         }
+        let address_after = |line: &str, marker: &str| -> Option<SocketAddr> {
+            let rest = line.split(marker).nth(1)?;
+            rest.split(|c: char| c.is_whitespace() || c == '/')
+                .next()?
+                .parse()
+                .ok()
+        };
+        relay.addrs = relay
+            .lines
+            .iter()
+            .filter_map(|l| address_after(l, "listening on "))
+            .collect();
+        relay.metrics = relay
+            .lines
+            .iter()
+            .find_map(|l| address_after(l, "metrics on http://"));
+        relay.addr = *relay.addrs.first().expect("a listening address in the log");
+        Ok(relay)
     }
 
     /// Waits for a log line containing `needle`; keeps every line read.
@@ -174,6 +196,12 @@ impl Relay {
                 Err(_) => return,
             }
         }
+    }
+
+    /// GETs /metrics from the relay's metrics endpoint.
+    pub fn scrape(&self) -> String {
+        let addr = self.metrics.expect("relay started with --metrics");
+        crate::http_get(addr, "/metrics")
     }
 
     pub fn pid(&self) -> u32 {

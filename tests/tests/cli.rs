@@ -92,7 +92,12 @@ fn without_privileges_auto_falls_back_and_kernel_says_why() {
 
     let relay = Relay::spawn_via(UNPRIVILEGED, &["--forward", "127.0.0.1:0=127.0.0.1:9"])
         .unwrap_or_else(|log| panic!("auto must start without privileges:\n{log}"));
-    let listening = relay.lines.last().cloned().unwrap_or_default();
+    let listening = relay
+        .lines
+        .iter()
+        .find(|l| l.contains("listening on"))
+        .cloned()
+        .unwrap_or_default();
     assert!(listening.contains("(dataplane splice)"), "{listening}");
     let warnings: Vec<_> = relay.lines.iter().filter(|l| l.contains("WARN")).collect();
     assert_eq!(warnings.len(), 1, "one warning expected: {warnings:?}");

@@ -4,6 +4,7 @@
 
 mod cli;
 mod lifecycle;
+mod parity;
 mod resources;
 mod transfer;
 
@@ -32,6 +33,9 @@ for_each_plane!(
     lifecycle::stops_cleanly_on_sigterm_and_sigint,
     resources::sequential_connections_leave_nothing_behind,
     resources::slow_reader_memory_is_bounded,
+    parity::metrics_count_the_bytes_sent,
+    parity::idle_timeout_counts_traffic_both_ways,
+    parity::half_closed_timeout_ends_a_one_sided_connection,
 );
 
 #[test]

@@ -116,7 +116,8 @@ pub struct PoolConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerConfig {
-    pub name: String,
+    /// Label in logs and metrics; None: the address it is bound to.
+    pub name: Option<String>,
     pub listen: SocketAddr,
     /// Index into `Config::pools`.
     pub pool: usize,
@@ -260,7 +261,7 @@ impl Builder<'_> {
             listeners.push((
                 Some(listener.listen.span()),
                 ListenerConfig {
-                    name: listener.name.clone().unwrap_or_else(|| listen.to_string()),
+                    name: listener.name.clone(),
                     listen,
                     pool,
                     accept_proxy: listener.accept_proxy,
@@ -275,7 +276,7 @@ impl Builder<'_> {
             listeners.push((
                 None,
                 ListenerConfig {
-                    name: forward.listen.to_string(),
+                    name: None,
                     listen: forward.listen,
                     pool: pools.len(),
                     accept_proxy: false,

@@ -1,0 +1,384 @@
+//! Peers for the WhatsApp-parity tests: an upstream that records the PROXY header it is
+//! sent and echoes the rest, a TLS client, HAProxy, and a metrics scraper.
+
+use std::{
+    io::{self, Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread,
+    time::Duration,
+};
+
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+};
+
+use crate::wait_until;
+
+/// Which header a [`HeaderEcho`] upstream expects in front of each connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    None,
+    V1,
+    V2,
+}
+
+/// An upstream that reads the PROXY header its listener config says it gets, reports it,
+/// then echoes every further byte until EOF. Connections that close before sending
+/// anything (health checks) are not reported.
+pub struct HeaderEcho {
+    pub addr: SocketAddr,
+    headers: mpsc::Receiver<Vec<u8>>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl HeaderEcho {
+    pub fn start(bind: &str, expect: Expect) -> Self {
+        let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
+        let addr = listener.local_addr().expect("upstream address");
+        let (tx, headers) = mpsc::channel();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let tx = tx.clone();
+                thread::spawn(move || {
+                    let _ = serve_echo(stream, expect, &tx);
+                });
+            }
+        });
+        Self {
+            addr,
+            headers,
+            accepted,
+        }
+    }
+
+    /// Connections accepted so far, health checks included.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// The header of the next connection that sent bytes (empty for [`Expect::None`]).
+    pub fn next_header(&self, within: Duration) -> Vec<u8> {
+        self.headers.recv_timeout(within).unwrap_or_else(|_| {
+            panic!(
+                "no connection with bytes reached {} in {within:?}",
+                self.addr
+            )
+        })
+    }
+
+    /// True if a connection with bytes arrives within `within`.
+    pub fn saw_connection(&self, within: Duration) -> bool {
+        self.headers.recv_timeout(within).is_ok()
+    }
+}
+
+fn serve_echo(mut stream: TcpStream, expect: Expect, tx: &mpsc::Sender<Vec<u8>>) -> io::Result<()> {
+    let mut header = Vec::new();
+    let mut byte = [0u8; 1];
+    match expect {
+        Expect::None => {}
+        Expect::V1 => {
+            while !header.ends_with(b"\r\n") && header.len() < 108 {
+                stream.read_exact(&mut byte)?;
+                header.push(byte[0]);
+            }
+        }
+        Expect::V2 => {
+            header.resize(16, 0);
+            stream.read_exact(&mut header)?;
+            let len = u16::from_be_bytes([header[14], header[15]]) as usize;
+            let mut rest = vec![0u8; len];
+            stream.read_exact(&mut rest)?;
+            header.extend_from_slice(&rest);
+        }
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut first = true;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if first && (n > 0 || expect != Expect::None) {
+            let _ = tx.send(std::mem::take(&mut header));
+            first = false;
+        }
+        if n == 0 {
+            break;
+        }
+        stream.write_all(&buf[..n])?;
+    }
+    stream.shutdown(Shutdown::Write)
+}
+
+/// A TCP connection from a chosen loopback source address.
+pub fn connect_from(source: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let (IpAddr::V4(source), SocketAddr::V4(_)) = (source, to) else {
+        panic!("IPv4 only");
+    };
+    // SAFETY: plain socket calls; the fd is owned by the TcpStream right away.
+    let stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        TcpStream::from_raw_fd(fd)
+    };
+    let local = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(source.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: local is a valid sockaddr_in.
+    let bound = unsafe {
+        libc::bind(
+            stream.as_raw_fd(),
+            std::ptr::from_ref(&local).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if bound != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let SocketAddr::V4(to) = to else {
+        unreachable!()
+    };
+    let remote = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: remote is a valid sockaddr_in.
+    let connected = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            std::ptr::from_ref(&remote).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if connected != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+/// True when the peer closed or reset the connection, rather than leaving it open:
+/// a read returns EOF or an error within `within`.
+pub fn closed_by_peer(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).expect("read timeout");
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// A TLS client that accepts any certificate: the relay's is self-signed by design.
+pub fn tls_client(stream: TcpStream) -> StreamOwned<ClientConnection, TcpStream> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    let name = ServerName::try_from("relay.test").expect("server name");
+    let connection = ClientConnection::new(Arc::new(config), name).expect("TLS client");
+    StreamOwned::new(connection, stream)
+}
+
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Writes `payload`, reads the same number of bytes back (an echo), and returns them.
+pub fn echo_round_trip(stream: &mut (impl Read + Write), payload: &[u8]) -> Vec<u8> {
+    stream.write_all(payload).expect("send through the relay");
+    stream.flush().expect("flush");
+    let mut back = vec![0u8; payload.len()];
+    stream
+        .read_exact(&mut back)
+        .expect("echo through the relay");
+    back
+}
+
+/// A file under the system temp directory, removed on drop.
+pub struct TempFile(pub PathBuf);
+
+impl TempFile {
+    pub fn new(name: &str, contents: &str) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("ebpf-proxy-test-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).expect("write temp file");
+        Self(path)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A HAProxy (the Debian package) in the foreground; killed on drop.
+pub struct Haproxy {
+    child: Child,
+    _config: TempFile,
+}
+
+impl Haproxy {
+    /// Starts HAProxy with `config` and waits until `ports` listen.
+    pub fn start(config: &str, ports: &[u16]) -> Self {
+        let config = TempFile::new("haproxy.cfg", config);
+        let child = Command::new("haproxy")
+            .args(["-db", "-f", config.path()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run haproxy (apt-get install haproxy)");
+        let haproxy = Self {
+            child,
+            _config: config,
+        };
+        for port in ports {
+            assert!(
+                wait_until(Duration::from_secs(10), || is_listening(*port)),
+                "haproxy did not listen on {port}"
+            );
+        }
+        haproxy
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// True when a TCP socket listens on `port` (any address), per /proc/net/tcp.
+pub fn is_listening(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 3
+            && fields[3] == "0A"
+            && fields[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+                == Some(port)
+    })
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// One GET over HTTP/1.1; returns the body of a 200 response.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect to metrics");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// The value of one Prometheus sample whose labels include every `labels` pair.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("ebpf_proxy_{name}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
+}

@@ -1,0 +1,714 @@
+//! WhatsApp-proxy parity against real peers: the preset's port table end to end, PROXY
+//! headers both ways with a real HAProxy, TLS with openssl, handshake timeouts, per-IP
+//! limits, metrics and the configuration commands.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    Expect, Haproxy, HeaderEcho, Relay, TempFile, bpf_required, closed_by_peer, connect_from,
+    echo_round_trip, free_port, metric, payload, relay_binary, run_to_exit, tls_client, wait_until,
+};
+
+const WITHIN: Duration = Duration::from_secs(10);
+
+fn v1(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    format!(
+        "PROXY TCP4 {} {} {} {}\r\n",
+        source.ip(),
+        destination.ip(),
+        source.port(),
+        destination.port()
+    )
+    .into_bytes()
+}
+
+/// A v2 PROXY header for IPv4 endpoints, built by hand from the specification.
+fn v2(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let (SocketAddr::V4(s), SocketAddr::V4(d)) = (source, destination) else {
+        panic!("IPv4 only")
+    };
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&s.ip().octets());
+    h.extend_from_slice(&d.ip().octets());
+    h.extend_from_slice(&s.port().to_be_bytes());
+    h.extend_from_slice(&d.port().to_be_bytes());
+    h
+}
+
+fn loopback(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+/// Starts a relay from a configuration file; None when kernel mode is not available here
+/// and the run does not require it.
+fn relay_with_config(config: &str, extra: &[&str]) -> (Relay, TempFile) {
+    let file = TempFile::new("relay.toml", config);
+    let mut args = vec!["--config", file.path(), "--metrics", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let relay = Relay::spawn(&args).unwrap_or_else(|log| panic!("relay did not start:\n{log}"));
+    (relay, file)
+}
+
+/// Sends the client's half of a payload, half-closes, and checks the echo; the upstream
+/// closes its side after the echo, so the connection ends and its bytes are counted.
+fn echo_and_finish(
+    mut stream: impl Read + Write,
+    payload: &[u8],
+    shutdown: impl FnOnce(&mut dyn Write),
+) {
+    assert_eq!(echo_round_trip(&mut stream, payload), payload);
+    shutdown(&mut stream);
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "{} unexpected bytes after the echo",
+        rest.len()
+    );
+}
+
+fn tcp_shutdown(stream: &TcpStream) -> impl FnOnce(&mut dyn Write) + '_ {
+    move |_| stream.shutdown(Shutdown::Write).expect("half-close")
+}
+
+#[test]
+fn preset_port_table_end_to_end() {
+    let plane = if bpf_required() { "kernel" } else { "auto" };
+    let chat_http = HeaderEcho::start("127.0.0.2:80", Expect::V1);
+    let chat = HeaderEcho::start("127.0.0.2:5222", Expect::V1);
+    let media = HeaderEcho::start("127.0.0.4:443", Expect::None);
+    let relay = Relay::spawn(&[
+        "--preset",
+        "whatsapp",
+        "--bind",
+        "127.0.0.1",
+        "--dataplane",
+        plane,
+        "--resolve",
+        "g.whatsapp.net=127.0.0.2",
+        "--resolve",
+        "g-fallback.whatsapp.net=127.0.0.3",
+        "--resolve",
+        "whatsapp.net=127.0.0.4",
+        "--metrics",
+        "127.0.0.1:0",
+    ])
+    .unwrap_or_else(|log| panic!("preset did not start:\n{log}"));
+    let ports: Vec<u16> = relay.addrs.iter().map(SocketAddr::port).collect();
+    assert_eq!(ports, [80, 8080, 443, 8443, 5222, 8222, 587, 7777]);
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let data = payload(3, 256 * 1024);
+    // What a client on 8080, 8443 and 8222 says about the real client.
+    let claimed = (
+        "198.51.100.7:40001".parse::<SocketAddr>().unwrap(),
+        "203.0.113.9:8443".parse::<SocketAddr>().unwrap(),
+    );
+
+    for (port, upstream) in [(80, &chat_http), (5222, &chat)] {
+        let stream = TcpStream::connect(at(port)).expect("connect");
+        let client = stream.local_addr().unwrap();
+        echo_and_finish(&stream, &data, tcp_shutdown(&stream));
+        assert_eq!(
+            upstream.next_header(WITHIN),
+            v1(client, at(port)),
+            "port {port}"
+        );
+    }
+    for port in [587, 7777] {
+        let stream = TcpStream::connect(at(port)).expect("connect");
+        echo_and_finish(&stream, &data, tcp_shutdown(&stream));
+        assert_eq!(
+            media.next_header(WITHIN),
+            b"",
+            "port {port} sends no header"
+        );
+    }
+    for (port, upstream) in [(8080, &chat_http), (8222, &chat)] {
+        let mut stream = TcpStream::connect(at(port)).expect("connect");
+        // Header and payload in one segment: the relay must take exactly the header.
+        let mut first = v1(claimed.0, claimed.1);
+        first.extend_from_slice(&data[..1000]);
+        stream.write_all(&first).unwrap();
+        let mut back = vec![0u8; 1000];
+        stream.read_exact(&mut back).unwrap();
+        assert_eq!(back, data[..1000]);
+        echo_and_finish(&stream, &data[1000..], tcp_shutdown(&stream));
+        assert_eq!(
+            upstream.next_header(WITHIN),
+            v1(claimed.0, claimed.1),
+            "port {port}"
+        );
+    }
+    let tls_data = &data[..64 * 1024];
+    {
+        let stream = TcpStream::connect(at(443)).expect("connect");
+        let client = stream.local_addr().unwrap();
+        let mut tls = tls_client(stream);
+        assert_eq!(echo_round_trip(&mut tls, tls_data), tls_data);
+        tls.conn.send_close_notify();
+        tls.flush().unwrap();
+        let mut rest = Vec::new();
+        let _ = tls.read_to_end(&mut rest);
+        assert_eq!(chat.next_header(WITHIN), v1(client, at(443)));
+    }
+    {
+        let mut stream = TcpStream::connect(at(8443)).expect("connect");
+        stream.write_all(&v2(claimed.0, claimed.1)).unwrap();
+        let mut tls = tls_client(stream);
+        assert_eq!(echo_round_trip(&mut tls, tls_data), tls_data);
+        tls.conn.send_close_notify();
+        tls.flush().unwrap();
+        let mut rest = Vec::new();
+        let _ = tls.read_to_end(&mut rest);
+        assert_eq!(chat.next_header(WITHIN), v1(claimed.0, claimed.1));
+    }
+
+    // Every listener counted exactly the payload, each way, once its connection closed.
+    assert!(wait_until(WITHIN, || relay
+        .scrape()
+        .lines()
+        .filter(|l| l.starts_with("ebpf_proxy_connections_open{"))
+        .all(|l| l.ends_with(" 0"))));
+    let text = relay.scrape();
+    for port in ports {
+        let listener = format!("127.0.0.1:{port}");
+        let expected = if port == 443 || port == 8443 {
+            tls_data.len()
+        } else {
+            data.len()
+        } as u64;
+        for direction in ["client_to_upstream", "upstream_to_client"] {
+            let labels = [("listener", listener.as_str()), ("direction", direction)];
+            assert_eq!(
+                metric(&text, "bytes_total", &labels),
+                expected,
+                "{labels:?}"
+            );
+        }
+        assert_eq!(
+            metric(&text, "connections_total", &[("listener", &listener)]),
+            1
+        );
+    }
+    assert_eq!(
+        metric(&text, "upstream_up", &[("server", "g.whatsapp.net:5222")]),
+        1
+    );
+
+    // `ebpf-proxy status` shows the same for a person.
+    let metrics = relay.metrics.unwrap().to_string();
+    let output = Command::new(relay_binary())
+        .args(["status", "--metrics", &metrics])
+        .output()
+        .expect("run status");
+    let status = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{status}");
+    let row = status
+        .lines()
+        .find(|l| l.starts_with("127.0.0.1:5222"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert_eq!(row.split_whitespace().nth(2), Some("1"), "{row}");
+    assert!(row.contains("256.0 KiB"), "{row}");
+}
+
+const HAPROXY_DEFAULTS: &str = "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n";
+
+#[test]
+fn haproxy_accepts_our_v1_and_v2_headers() {
+    // HAProxy takes our header (accept-proxy) and passes the client address it read on
+    // to the echo upstream in its own v1 header (send-proxy).
+    let echo = HeaderEcho::start("127.0.0.1:0", Expect::V1);
+    let (p1, p2) = (free_port(), free_port());
+    let _haproxy = Haproxy::start(
+        &format!(
+            "{HAPROXY_DEFAULTS}frontend v1in\n  bind 127.0.0.1:{p1} accept-proxy\n  default_backend echo\n\
+             frontend v2in\n  bind 127.0.0.1:{p2} accept-proxy\n  default_backend echo\n\
+             backend echo\n  server e {} send-proxy\n",
+            echo.addr
+        ),
+        &[p1, p2],
+    );
+    let (relay, _file) = relay_with_config(
+        &format!(
+            "[pools.h1]\nservers = [\"127.0.0.1:{p1}\"]\n[pools.h2]\nservers = [\"127.0.0.1:{p2}\"]\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\npool = \"h1\"\nsend_proxy = \"v1\"\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\npool = \"h2\"\nsend_proxy = \"v2\"\n"
+        ),
+        &[],
+    );
+    for listener in &relay.addrs {
+        let stream = connect_from(loopback(5), *listener).expect("connect");
+        let client = stream.local_addr().unwrap();
+        echo_and_finish(&stream, &payload(1, 100_000), tcp_shutdown(&stream));
+        assert_eq!(
+            echo.next_header(WITHIN),
+            v1(client, *listener),
+            "via {listener}"
+        );
+    }
+}
+
+#[test]
+fn haproxy_send_proxy_v2_in_front_is_accepted() {
+    let echo = HeaderEcho::start("127.0.0.1:0", Expect::V1);
+    let (relay, _file) = relay_with_config(
+        &format!(
+            "[pools.chat]\nservers = [\"{}\"]\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\
+             accept_proxy = true\npool = \"chat\"\nsend_proxy = \"v1\"\n",
+            echo.addr
+        ),
+        &[],
+    );
+    let front = free_port();
+    let _haproxy = Haproxy::start(
+        &format!(
+            "{HAPROXY_DEFAULTS}frontend f\n  bind 127.0.0.1:{front}\n  default_backend relay\n\
+             backend relay\n  server r {} send-proxy-v2\n",
+            relay.addr
+        ),
+        &[front],
+    );
+    let front_addr = SocketAddr::from(([127, 0, 0, 1], front));
+    let stream = connect_from(loopback(6), front_addr).expect("connect");
+    let client = stream.local_addr().unwrap();
+    echo_and_finish(&stream, &payload(2, 300_000), tcp_shutdown(&stream));
+    // The address HAProxy saw is what reaches the upstream.
+    assert_eq!(echo.next_header(WITHIN), v1(client, front_addr));
+}
+
+/// An openssl-made certificate for relay.test, as an operator would bring.
+fn operator_certificate() -> (TempFile, TempFile) {
+    let (cert, key) = (TempFile::new("cert.pem", ""), TempFile::new("key.pem", ""));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=relay.test",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:relay.test",
+            "-keyout",
+            key.path(),
+            "-out",
+            cert.path(),
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(status.success());
+    (cert, key)
+}
+
+/// `openssl s_client` to `addr`, verifying the certificate against `ca`: sends a line
+/// and returns the line that comes back.
+fn s_client_echo(addr: SocketAddr, ca: &str, line: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-quiet",
+            "-verify_return_error",
+        ])
+        .args([
+            "-CAfile",
+            ca,
+            "-verify_hostname",
+            "relay.test",
+            "-servername",
+            "relay.test",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run openssl s_client");
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut back = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut back);
+        let _ = tx.send(back);
+    });
+    stdin.write_all(line.as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    let back = rx.recv_timeout(WITHIN).unwrap_or_default();
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        !back.is_empty(),
+        "no echo; s_client said:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    back
+}
+
+#[test]
+fn openssl_completes_tls_on_tls_listeners() {
+    let echo = HeaderEcho::start("127.0.0.1:0", Expect::V1);
+    let (cert, key) = operator_certificate();
+    let (relay, _file) = relay_with_config(
+        &format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[pools.chat]\nservers = [\"{}\"]\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\ntls = true\npool = \"chat\"\nsend_proxy = \"v1\"\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\naccept_proxy = true\ntls = true\npool = \"chat\"\nsend_proxy = \"v1\"\n",
+            cert.path(),
+            key.path(),
+            echo.addr
+        ),
+        &[],
+    );
+    // 443's shape: TLS straight from the client.
+    assert_eq!(
+        s_client_echo(relay.addrs[0], cert.path(), "hello 443\n"),
+        "hello 443\n"
+    );
+    let header = String::from_utf8(echo.next_header(WITHIN)).unwrap();
+    assert!(
+        header.starts_with("PROXY TCP4 127.0.0.1 127.0.0.1 "),
+        "{header}"
+    );
+    // 8443's shape: a PROXY header (from HAProxy) first, then TLS.
+    let front = free_port();
+    let _haproxy = Haproxy::start(
+        &format!(
+            "{HAPROXY_DEFAULTS}frontend f\n  bind 127.0.0.1:{front}\n  default_backend relay\n\
+             backend relay\n  server r {} send-proxy\n",
+            relay.addrs[1]
+        ),
+        &[front],
+    );
+    let front_addr = SocketAddr::from(([127, 0, 0, 1], front));
+    assert_eq!(
+        s_client_echo(front_addr, cert.path(), "hello 8443\n"),
+        "hello 8443\n"
+    );
+    let header = String::from_utf8(echo.next_header(WITHIN)).unwrap();
+    assert!(header.ends_with(&format!(" {front}\r\n")), "{header}");
+}
+
+#[test]
+fn bad_handshakes_are_cut_off_without_disturbing_others() {
+    let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
+    let (relay, _file) = relay_with_config(
+        &format!(
+            "[pools.p]\nservers = [\"{}\"]\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\naccept_proxy = true\npool = \"p\"\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\ntls = true\npool = \"p\"\n",
+            echo.addr
+        ),
+        &["--handshake-timeout", "1s", "--per-ip-rate", "0"],
+    );
+    let (proxied, tls) = (relay.addrs[0], relay.addrs[1]);
+    let mut good = TcpStream::connect(proxied).unwrap();
+    good.write_all(&v1("192.0.2.1:1000".parse().unwrap(), proxied))
+        .unwrap();
+    assert_eq!(echo_round_trip(&mut good, b"before"), b"before");
+
+    let mut garbage = TcpStream::connect(proxied).unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(
+        closed_by_peer(&mut garbage, Duration::from_secs(5)),
+        "malformed header left open"
+    );
+
+    let mut tls_garbage = TcpStream::connect(tls).unwrap();
+    tls_garbage.write_all(&payload(9, 300)).unwrap();
+    assert!(
+        closed_by_peer(&mut tls_garbage, Duration::from_secs(5)),
+        "TLS garbage left open"
+    );
+
+    // One byte every 200 ms of a valid header: cut at the 1 s handshake timeout.
+    let started = Instant::now();
+    let mut slow = TcpStream::connect(proxied).unwrap();
+    let mut writer = slow.try_clone().unwrap();
+    thread::spawn(move || {
+        for byte in b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n" {
+            if writer.write_all(&[*byte]).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    });
+    assert!(
+        closed_by_peer(&mut slow, Duration::from_secs(5)),
+        "slow header left open"
+    );
+    let slow_lived = started.elapsed();
+    let mut silent_tls = TcpStream::connect(tls).unwrap();
+    assert!(
+        closed_by_peer(&mut silent_tls, Duration::from_secs(5)),
+        "silent TLS client left open"
+    );
+    assert!(
+        slow_lived >= Duration::from_millis(900),
+        "cut before its timeout: {slow_lived:?}"
+    );
+
+    // The good connection never noticed, and only it reached the upstream.
+    assert_eq!(echo_round_trip(&mut good, b"after"), b"after");
+    assert_eq!(echo.accepted(), 1);
+    let text = relay.scrape();
+    let refused = |listener: SocketAddr, reason| {
+        metric(
+            &text,
+            "connections_refused_total",
+            &[("listener", &listener.to_string()), ("reason", reason)],
+        )
+    };
+    assert_eq!(refused(proxied, "proxy_header"), 2);
+    assert_eq!(refused(tls, "tls_handshake"), 2);
+}
+
+/// True if a one-byte echo comes back within 2 s; false if the relay closed the connection.
+fn echoes(stream: &mut TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    stream.write_all(b"x").is_ok() && matches!(stream.read(&mut byte), Ok(1))
+}
+
+#[test]
+fn per_ip_limits_refuse_only_the_extra_connection() {
+    let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
+    let target = echo.addr.to_string();
+    let Some(relay) = Relay::start(
+        integration_tests::Plane::Splice,
+        &target,
+        &["--per-ip-connections", "3", "--metrics", "127.0.0.1:0"],
+    ) else {
+        return;
+    };
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| connect_from(loopback(1), relay.addr).unwrap())
+        .collect();
+    assert!(held.iter_mut().all(echoes));
+    let mut extra = connect_from(loopback(1), relay.addr).unwrap();
+    assert!(
+        !echoes(&mut extra),
+        "a 4th connection from one IP was relayed"
+    );
+    let mut other = connect_from(loopback(2), relay.addr).unwrap();
+    assert!(echoes(&mut other), "another IP was refused");
+    held.pop();
+    assert!(
+        wait_until(WITHIN, || echoes(
+            &mut connect_from(loopback(1), relay.addr).unwrap()
+        )),
+        "the IP never got its slot back"
+    );
+    let text = relay.scrape();
+    let listener = relay.addr.to_string();
+    assert!(
+        metric(
+            &text,
+            "connections_refused_total",
+            &[("listener", &listener), ("reason", "per_ip_connections")]
+        ) >= 1
+    );
+
+    // New connections per second: a burst of 20 from one IP meets the limit of 5.
+    let Some(relay) = Relay::start(
+        integration_tests::Plane::Splice,
+        &target,
+        &["--per-ip-rate", "5", "--metrics", "127.0.0.1:0"],
+    ) else {
+        return;
+    };
+    let burst: Vec<TcpStream> = (0..20)
+        .map(|_| connect_from(loopback(3), relay.addr).unwrap())
+        .collect();
+    let relayed = burst
+        .into_iter()
+        .filter(|s| echoes(&mut s.try_clone().unwrap()))
+        .count();
+    assert!(
+        (5..20).contains(&relayed),
+        "{relayed} of 20 relayed at 5 per second"
+    );
+    assert!(echoes(&mut connect_from(loopback(4), relay.addr).unwrap()));
+    let text = relay.scrape();
+    assert_eq!(
+        metric(
+            &text,
+            "connections_refused_total",
+            &[
+                ("listener", &relay.addr.to_string()),
+                ("reason", "per_ip_rate")
+            ]
+        ),
+        20 - relayed as u64
+    );
+}
+
+#[test]
+fn client_addresses_stay_out_of_logs_unless_asked() {
+    let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
+    for log_clients in [false, true] {
+        let forward = format!("127.0.0.1:0={}", echo.addr);
+        let mut args = vec![
+            "--forward",
+            &forward,
+            "--per-ip-connections",
+            "1",
+            "--dataplane",
+            "copy",
+        ];
+        if log_clients {
+            args.push("--log-clients");
+        }
+        let relay = Relay::spawn_logging(&[], &args, "debug").expect("relay starts");
+        let mut first = connect_from(loopback(9), relay.addr).unwrap();
+        assert!(echoes(&mut first));
+        let mut refused = connect_from(loopback(9), relay.addr).unwrap();
+        assert!(!echoes(&mut refused));
+        drop((first, refused));
+        let (_, lines) = relay.stop(libc::SIGTERM);
+        let log = lines.join("\n");
+        assert!(log.contains("per_ip_connections"), "{log}");
+        assert_eq!(
+            log.contains("127.0.0.9"),
+            log_clients,
+            "--log-clients {log_clients}:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn check_names_the_line_and_the_preset_passes_it() {
+    let output = Command::new(relay_binary())
+        .args(["config", "--preset", "whatsapp"])
+        .output()
+        .expect("run config");
+    assert!(output.status.success());
+    let preset = TempFile::new("preset.toml", &String::from_utf8(output.stdout).unwrap());
+    let (status, _) = run_to_exit(&["check", "--config", preset.path()]);
+    assert!(status.success());
+
+    let broken = TempFile::new(
+        "broken.toml",
+        "[pools.chat]\nservers = [\"g.whatsapp.net:5222\"]\n\n[[listener]]\nlisten = \"0.0.0.0:443\"\npool = \"caht\"\n",
+    );
+    let (status, stderr) = run_to_exit(&["check", "--config", broken.path()]);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains(&format!("{} line 6: no pool named \"caht\"", broken.path())),
+        "{stderr}"
+    );
+    // The same error stops a start, before anything binds.
+    let (status, stderr) = run_to_exit(&["--config", broken.path()]);
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("line 6"), "{stderr}");
+}
+
+fn plane_relay(plane: integration_tests::Plane, upstream: &str, extra: &[&str]) -> Option<Relay> {
+    Relay::start(plane, upstream, extra)
+}
+
+/// Bytes counted per direction (by the eBPF program in kernel mode) equal bytes sent.
+pub fn metrics_count_the_bytes_sent(plane: integration_tests::Plane) {
+    let reply = payload(5, 3 << 20);
+    let upstream =
+        integration_tests::Upstream::start(integration_tests::Behaviour::Exchange(reply.clone()));
+    let Some(relay) = plane_relay(
+        plane,
+        &upstream.relay_target(),
+        &["--metrics", "127.0.0.1:0"],
+    ) else {
+        return;
+    };
+    let sent = payload(6, 5 << 20);
+    let received =
+        integration_tests::exchange(TcpStream::connect(relay.addr).unwrap(), sent.clone()).unwrap();
+    assert_eq!(received, integration_tests::Received::of(&reply));
+    upstream.next_result(WITHIN).unwrap();
+    let listener = relay.addr.to_string();
+    assert!(wait_until(WITHIN, || metric(
+        &relay.scrape(),
+        "connections_open",
+        &[("listener", &listener)]
+    ) == 0));
+    let text = relay.scrape();
+    let bytes = |direction| {
+        metric(
+            &text,
+            "bytes_total",
+            &[("listener", &listener), ("direction", direction)],
+        )
+    };
+    assert_eq!(bytes("client_to_upstream"), sent.len() as u64);
+    assert_eq!(bytes("upstream_to_client"), reply.len() as u64);
+    assert_eq!(
+        metric(&text, "connections_total", &[("listener", &listener)]),
+        1
+    );
+}
+
+/// Traffic every 300 ms keeps a connection past a 1 s idle timeout; silence then ends it.
+pub fn idle_timeout_counts_traffic_both_ways(plane: integration_tests::Plane) {
+    let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
+    let Some(relay) = plane_relay(plane, &echo.addr.to_string(), &["--idle-timeout", "1s"]) else {
+        return;
+    };
+    let mut stream = TcpStream::connect(relay.addr).unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        assert!(
+            echoes(&mut stream),
+            "an active connection was cut after {:?}",
+            started.elapsed()
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+    let quiet = Instant::now();
+    assert!(
+        closed_by_peer(&mut stream, Duration::from_secs(5)),
+        "an idle connection stayed open"
+    );
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(900),
+        "cut before the idle timeout"
+    );
+}
+
+/// A client that half-closes while the upstream stays silent is closed after the timeout.
+pub fn half_closed_timeout_ends_a_one_sided_connection(plane: integration_tests::Plane) {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = silent.local_addr().unwrap().to_string();
+    let Some(relay) = plane_relay(plane, &target, &["--half-closed-timeout", "1s"]) else {
+        return;
+    };
+    let mut stream = TcpStream::connect(relay.addr).unwrap();
+    let (_held, _) = silent.accept().unwrap();
+    stream.write_all(b"request").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let since = Instant::now();
+    assert!(
+        closed_by_peer(&mut stream, Duration::from_secs(5)),
+        "a half-closed connection stayed open"
+    );
+    assert!(
+        since.elapsed() >= Duration::from_millis(900),
+        "cut before the half-closed timeout"
+    );
+}
