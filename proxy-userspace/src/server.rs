@@ -31,7 +31,7 @@ use crate::{
     proxy_protocol::{self, Endpoints},
     sys,
     tls::{self, TlsError},
-    upstream::{Pool, ResolveError},
+    upstream::{Pins, Pool, ResolveError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +87,7 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), RelayError>
 /// Runs the relay until `shutdown` completes, then closes every connection and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
     let plane = choose_data_plane(&config)?;
-    let pins = Arc::new(config.pins.clone());
+    let pins = Pins::new(config.pins.clone());
     let mut pools = Vec::with_capacity(config.pools.len());
     for pool in &config.pools {
         pools.push(Pool::resolve(pool, Arc::clone(&pins)).await?);

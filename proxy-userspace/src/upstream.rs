@@ -6,7 +6,7 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -20,8 +20,25 @@ use tracing::{info, warn};
 
 use crate::config::{Balance, PoolConfig, Upstream};
 
-/// `--resolve` answers, by lower-case host name.
-pub type Pins = Arc<BTreeMap<String, Vec<IpAddr>>>;
+/// `--resolve` answers, by lower-case host name, asked before DNS at every (re)resolve.
+#[derive(Debug, Default)]
+pub struct Pins(RwLock<BTreeMap<String, Vec<IpAddr>>>);
+
+impl Pins {
+    pub fn new(pins: BTreeMap<String, Vec<IpAddr>>) -> Arc<Self> {
+        Arc::new(Self(RwLock::new(pins)))
+    }
+
+    fn get(&self, host: &str) -> Option<Vec<IpAddr>> {
+        let pins = self.0.read().unwrap_or_else(|e| e.into_inner());
+        pins.get(&host.to_ascii_lowercase()).cloned()
+    }
+
+    #[cfg(test)]
+    fn replace(&self, pins: BTreeMap<String, Vec<IpAddr>>) {
+        *self.0.write().unwrap() = pins;
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("upstream {upstream} does not resolve: {reason} (check the name, or use an IP address)")]
@@ -62,13 +79,13 @@ pub struct Pool {
     config: PoolConfig,
     servers: Vec<Server>,
     next: AtomicUsize,
-    pins: Pins,
+    pins: Arc<Pins>,
 }
 
 impl Pool {
     /// Resolves every server once. A pool none of whose servers resolve cannot serve, so
     /// that is an error; a server that does not resolve yet is retried at each re-resolve.
-    pub async fn resolve(config: &PoolConfig, pins: Pins) -> Result<Arc<Self>, ResolveError> {
+    pub async fn resolve(config: &PoolConfig, pins: Arc<Pins>) -> Result<Arc<Self>, ResolveError> {
         let mut servers = Vec::with_capacity(config.servers.len());
         let mut first_error = None;
         for upstream in &config.servers {
@@ -202,7 +219,7 @@ async fn resolve(upstream: &Upstream, pins: &Pins) -> Result<Vec<SocketAddr>, Re
         upstream: upstream.to_string(),
         reason,
     };
-    if let Some(ips) = pins.get(&upstream.host.to_ascii_lowercase()) {
+    if let Some(ips) = pins.get(&upstream.host) {
         return Ok(ips
             .iter()
             .map(|ip| SocketAddr::new(*ip, upstream.port))
@@ -222,24 +239,22 @@ async fn resolve(upstream: &Upstream, pins: &Pins) -> Result<Vec<SocketAddr>, Re
 mod tests {
     use super::*;
 
+    /// Server i's name: a 64-byte label, which no resolver can encode, so without a pin
+    /// the lookup fails here and no DNS query leaves the machine.
+    fn name(i: usize) -> String {
+        format!("{}{i}.example", "a".repeat(63))
+    }
+
     async fn pool(balance: Balance, listeners: &[&tokio::net::TcpListener]) -> Arc<Pool> {
         let servers = (0..listeners.len())
             .map(|i| {
-                format!(
-                    "server{i}.test:{}",
-                    listeners[i].local_addr().unwrap().port()
-                )
-                .parse()
-                .unwrap()
+                format!("{}:{}", name(i), listeners[i].local_addr().unwrap().port())
+                    .parse()
+                    .unwrap()
             })
             .collect();
         let pins = (0..listeners.len())
-            .map(|i| {
-                (
-                    format!("server{i}.test"),
-                    vec![listeners[i].local_addr().unwrap().ip()],
-                )
-            })
+            .map(|i| (name(i), vec![listeners[i].local_addr().unwrap().ip()]))
             .collect();
         let config = PoolConfig {
             name: "p".into(),
@@ -249,7 +264,7 @@ mod tests {
             health_timeout: Duration::from_secs(1),
             resolve_interval: Duration::from_secs(60),
         };
-        Pool::resolve(&config, Arc::new(pins)).await.unwrap()
+        Pool::resolve(&config, Pins::new(pins)).await.unwrap()
     }
 
     async fn accepted_by(listeners: &[&tokio::net::TcpListener], stream: &TcpStream) -> usize {
@@ -275,6 +290,50 @@ mod tests {
         let s = pool.connect(Duration::from_secs(1)).await.unwrap();
         assert_eq!(accepted_by(&[&b], &s).await, 0);
         assert!(!pool.servers()[0].is_up() && pool.servers()[1].is_up());
+    }
+
+    #[tokio::test]
+    async fn re_resolution_follows_the_name_and_survives_a_failed_lookup() {
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = a.local_addr().unwrap().port();
+        let moved = tokio::net::TcpListener::bind(("127.0.0.2", port))
+            .await
+            .unwrap();
+        let pool = pool(Balance::Failover, &[&a]).await;
+        let answer = |ip: &str| BTreeMap::from([(name(0), vec![ip.parse().unwrap()])]);
+        pool.pins.replace(answer("127.0.0.2"));
+        pool.re_resolve().await;
+        let s = pool.connect(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(
+            accepted_by(&[&moved], &s).await,
+            0,
+            "connects follow the new address"
+        );
+        // No answer at all: keep the last good one.
+        pool.pins.replace(BTreeMap::new());
+        assert!(
+            resolve(&pool.servers()[0].upstream, &pool.pins)
+                .await
+                .is_err()
+        );
+        pool.re_resolve().await;
+        let s = pool.connect(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(accepted_by(&[&moved], &s).await, 0);
+    }
+
+    #[tokio::test]
+    async fn health_checks_mark_servers_down_and_up() {
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = a.local_addr().unwrap();
+        let pool = pool(Balance::Failover, &[&a]).await;
+        pool.check_health().await;
+        assert!(pool.servers()[0].is_up());
+        drop(a);
+        pool.check_health().await;
+        assert!(!pool.servers()[0].is_up());
+        let _back = tokio::net::TcpListener::bind(addr).await.unwrap();
+        pool.check_health().await;
+        assert!(pool.servers()[0].is_up());
     }
 
     #[tokio::test]

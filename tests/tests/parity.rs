@@ -712,3 +712,63 @@ pub fn half_closed_timeout_ends_a_one_sided_connection(plane: integration_tests:
         "cut before the half-closed timeout"
     );
 }
+
+#[test]
+fn pool_fails_over_to_the_next_server_and_reports_health() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let alive = HeaderEcho::start("127.0.0.1:0", Expect::None);
+    let (relay, _file) = relay_with_config(
+        &format!(
+            "[pools.chat]\nservers = [\"{dead_addr}\", \"{}\"]\nhealth_interval = \"200ms\"\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\npool = \"chat\"\n",
+            alive.addr
+        ),
+        &["--per-ip-rate", "0"],
+    );
+    for _ in 0..3 {
+        let stream = TcpStream::connect(relay.addr).unwrap();
+        echo_and_finish(&stream, b"over the fallback", tcp_shutdown(&stream));
+    }
+    let text = relay.scrape();
+    assert_eq!(
+        metric(&text, "upstream_up", &[("server", &dead_addr.to_string())]),
+        0
+    );
+    assert_eq!(
+        metric(&text, "upstream_up", &[("server", &alive.addr.to_string())]),
+        1
+    );
+}
+
+#[test]
+fn listener_limit_queues_the_extra_client_until_a_slot_frees() {
+    let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
+    let (relay, _file) = relay_with_config(
+        &format!(
+            "[pools.p]\nservers = [\"{}\"]\n[[listener]]\nlisten = \"127.0.0.1:0\"\npool = \"p\"\nmax_connections = 1\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n",
+            echo.addr
+        ),
+        &["--per-ip-rate", "0"],
+    );
+    let (limited, open) = (relay.addrs[0], relay.addrs[1]);
+    let mut first = TcpStream::connect(limited).unwrap();
+    assert!(echoes(&mut first));
+    // The second waits in the kernel's backlog: connected, but not relayed yet.
+    let mut second = TcpStream::connect(limited).unwrap();
+    assert!(
+        !echoes(&mut second),
+        "a second connection was relayed past max_connections = 1"
+    );
+    // Other listeners are not held back by this one's limit.
+    assert!(echoes(&mut TcpStream::connect(open).unwrap()));
+    drop(first);
+    let mut byte = [0u8; 1];
+    second.set_read_timeout(Some(WITHIN)).unwrap();
+    second
+        .read_exact(&mut byte)
+        .expect("relayed once the first closed");
+    assert_eq!(&byte, b"x");
+}
