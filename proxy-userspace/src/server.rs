@@ -419,7 +419,9 @@ struct EarlyBytes {
 }
 
 /// Moves the bytes that followed the PROXY header to the upstream until the client's
-/// receive queue is empty, or gives up draining past MAX_EARLY_BYTES.
+/// receive queue is empty, or gives up draining past MAX_EARLY_BYTES. Needed because the
+/// verdict program is handed whole skbs (tcp_read_skb ignores what recv() already took
+/// from the head one): without this, the preset test saw the 48 header bytes sent twice.
 async fn forward_early_bytes(client: &TcpStream, upstream: &TcpStream) -> io::Result<EarlyBytes> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut moved = 0u64;
