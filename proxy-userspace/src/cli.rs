@@ -95,9 +95,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub half_closed_timeout: Option<Duration>,
 
+    /// After SIGTERM, how long open connections may take to finish (SIGINT closes at once).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+
     /// Connections relayed at once; further clients wait in the listen backlog.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: Option<u32>,
+
+    /// Connections the kernel maps hold (default: --max-connections); beyond it,
+    /// connections are relayed in userspace and counted as fallbacks.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub map_connections: Option<u32>,
 
     /// Concurrent connections per client IP (IPv6: per /64); 0 for no limit.
     #[arg(long, value_name = "N")]
@@ -142,6 +151,7 @@ impl RunArgs {
             pins: self.pins.clone(),
             dataplane: self.dataplane,
             log_clients: self.log_clients,
+            map_connections: self.map_connections,
             max_connections: self.max_connections,
             per_ip_connections: self.per_ip_connections,
             per_ip_rate: self.per_ip_rate,
@@ -149,6 +159,7 @@ impl RunArgs {
             handshake_timeout: self.handshake_timeout,
             idle_timeout: self.idle_timeout,
             half_closed_timeout: self.half_closed_timeout,
+            drain_timeout: self.drain_timeout,
             metrics: self.metrics,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),

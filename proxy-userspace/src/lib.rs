@@ -2,6 +2,7 @@
 //! program, with a tokio control plane that sets connections up (limits, PROXY headers,
 //! TLS, upstream pools) and tears them down.
 
+mod accept;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
@@ -14,4 +15,4 @@ mod sys;
 pub mod tls;
 pub mod upstream;
 
-pub use server::{RelayError, choose_data_plane, run};
+pub use server::{RelayError, Signal, choose_data_plane, run};

@@ -22,8 +22,8 @@ struct Entry {
 }
 
 pub struct ClientLimits {
-    per_ip_connections: u32,
-    per_ip_rate: u32,
+    /// Both limits, replaced together on reload; counts in the table carry over.
+    settings: Mutex<(u32, u32)>,
     table: Mutex<HashMap<IpAddr, Entry>>,
 }
 
@@ -35,33 +35,40 @@ pub struct ClientSlot {
 impl ClientLimits {
     pub fn new(limits: &Limits) -> Arc<Self> {
         Arc::new(Self {
-            per_ip_connections: limits.per_ip_connections,
-            per_ip_rate: limits.per_ip_rate,
+            settings: Mutex::new((limits.per_ip_connections, limits.per_ip_rate)),
             table: Mutex::new(HashMap::new()),
         })
     }
 
+    /// New limits for new connections; open ones stay counted.
+    pub fn update(&self, limits: &Limits) {
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) =
+            (limits.per_ip_connections, limits.per_ip_rate);
+    }
+
     /// Counts a new connection from `ip`, or says which limit it is over.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ClientSlot, Refusal> {
-        if self.per_ip_connections == 0 && self.per_ip_rate == 0 {
+        let (per_ip_connections, per_ip_rate) =
+            *self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        if per_ip_connections == 0 && per_ip_rate == 0 {
             return Ok(ClientSlot { limits: None });
         }
         let key = client_key(ip);
         let now = Instant::now();
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         if table.len() > PRUNE_ABOVE {
-            table.retain(|_, e| e.open > 0 || self.refill(e, now) < f64::from(self.per_ip_rate));
+            table.retain(|_, e| e.open > 0 || refill(e, now, per_ip_rate) < f64::from(per_ip_rate));
         }
         let entry = table.entry(key).or_insert(Entry {
             open: 0,
-            tokens: f64::from(self.per_ip_rate),
+            tokens: f64::from(per_ip_rate),
             refilled: now,
         });
-        if self.per_ip_connections > 0 && entry.open >= self.per_ip_connections {
+        if per_ip_connections > 0 && entry.open >= per_ip_connections {
             return Err(Refusal::PerIpConnections);
         }
-        if self.per_ip_rate > 0 {
-            if self.refill(entry, now) < 1.0 {
+        if per_ip_rate > 0 {
+            if refill(entry, now, per_ip_rate) < 1.0 {
                 return Err(Refusal::PerIpRate);
             }
             entry.tokens -= 1.0;
@@ -70,15 +77,6 @@ impl ClientLimits {
         Ok(ClientSlot {
             limits: Some((Arc::clone(self), key)),
         })
-    }
-
-    /// Adds the tokens earned since the last refill (a bucket holds one second's worth).
-    fn refill(&self, entry: &mut Entry, now: Instant) -> f64 {
-        let rate = f64::from(self.per_ip_rate);
-        let earned = now.duration_since(entry.refilled).as_secs_f64() * rate;
-        entry.tokens = (entry.tokens + earned).min(rate);
-        entry.refilled = now;
-        entry.tokens
     }
 
     #[cfg(test)]
@@ -96,6 +94,15 @@ impl Drop for ClientSlot {
             }
         }
     }
+}
+
+/// Adds the tokens earned since the last refill (a bucket holds one second's worth).
+fn refill(entry: &mut Entry, now: Instant, per_second: u32) -> f64 {
+    let rate = f64::from(per_second);
+    let earned = now.duration_since(entry.refilled).as_secs_f64() * rate;
+    entry.tokens = (entry.tokens + earned).min(rate);
+    entry.refilled = now;
+    entry.tokens
 }
 
 /// The unit a limit applies to: the IPv4 address, or the IPv6 /64.

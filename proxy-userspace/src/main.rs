@@ -30,10 +30,13 @@ async fn main() -> ExitCode {
             .await
             .map(|text| print!("{text}"))
             .map_err(Into::into),
-        None => match Config::load(&cli.run.source(), &cli.run.overrides()) {
-            Ok(config) => serve(config).await,
-            Err(e) => Err(e.into()),
-        },
+        None => {
+            let (source, overrides) = (cli.run.source(), cli.run.overrides());
+            match Config::load(&source, &overrides) {
+                Ok(config) => serve(config, source, overrides).await,
+                Err(e) => Err(e.into()),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -62,16 +65,30 @@ fn check(source: Source) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-        }
-    };
-    ebpf_proxy::run(config, shutdown).await?;
+/// Runs the relay: SIGHUP reloads, SIGTERM drains, SIGINT (or a second signal) stops.
+async fn serve(config: Config, source: Source, overrides: Overrides) -> anyhow::Result<()> {
+    let (tx, signals) = tokio::sync::mpsc::unbounded_channel();
+    for (kind, name, meaning) in [
+        (SignalKind::hangup(), "SIGHUP", ebpf_proxy::Signal::Reload),
+        (
+            SignalKind::terminate(),
+            "SIGTERM",
+            ebpf_proxy::Signal::Drain,
+        ),
+        (SignalKind::interrupt(), "SIGINT", ebpf_proxy::Signal::Stop),
+    ] {
+        let mut stream = signal(kind).with_context(|| format!("installing the {name} handler"))?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                tracing::info!("{name} received");
+                if tx.send(meaning).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let load = move || Config::load(&source, &overrides);
+    ebpf_proxy::run(config, load, signals).await?;
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -17,9 +17,9 @@ use tokio::{
     net::{TcpListener, TcpStream},
     time::timeout,
 };
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::{dataplane::DataPlane, upstream::Pool};
+use crate::{accept::AcceptErrors, dataplane::DataPlane, upstream::Pool};
 
 /// Why a connection was turned away or cut before it was relayed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,16 +86,22 @@ impl ListenerMetrics {
     }
 }
 
-/// Everything /metrics shows.
+/// Everything /metrics shows; the lists change on reload.
 pub struct Metrics {
-    pub listeners: Vec<Arc<ListenerMetrics>>,
-    pub pools: Vec<Arc<Pool>>,
+    pub listeners: RwLock<Vec<Arc<ListenerMetrics>>>,
+    pub pools: RwLock<Vec<Arc<Pool>>>,
     pub plane: DataPlane,
 }
 
 impl Metrics {
     /// The Prometheus text exposition format.
     pub fn render(&self) -> String {
+        let listeners = self
+            .listeners
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let pools = self.pools.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut out = String::new();
         let mut family =
             |name: &str, kind: &str, help: &str, rows: &mut dyn Iterator<Item = (String, u64)>| {
@@ -113,22 +119,19 @@ impl Metrics {
             "connections_open",
             "gauge",
             "Connections being relayed.",
-            &mut self.listeners.iter().map(|l| (listener(l), load(&l.open))),
+            &mut listeners.iter().map(|l| (listener(l), load(&l.open))),
         );
         family(
             "connections_total",
             "counter",
             "Connections accepted.",
-            &mut self
-                .listeners
-                .iter()
-                .map(|l| (listener(l), load(&l.accepted))),
+            &mut listeners.iter().map(|l| (listener(l), load(&l.accepted))),
         );
         family(
             "connections_refused_total",
             "counter",
             "Connections closed before relaying, by reason.",
-            &mut self.listeners.iter().flat_map(|l| {
+            &mut listeners.iter().flat_map(|l| {
                 Refusal::ALL.iter().map(move |r| {
                     (
                         format!("{},reason=\"{}\"", listener(l), r.label()),
@@ -141,7 +144,7 @@ impl Metrics {
             "bytes_total",
             "counter",
             "Bytes relayed, by direction (kernel-mode bytes as counted by the eBPF program).",
-            &mut self.listeners.iter().flat_map(|l| {
+            &mut listeners.iter().flat_map(|l| {
                 [
                     ("client_to_upstream", load(&l.bytes_to_upstream)),
                     ("upstream_to_client", load(&l.bytes_to_client)),
@@ -154,7 +157,7 @@ impl Metrics {
             "upstream_up",
             "gauge",
             "1 when the upstream server answered its last health check or connect.",
-            &mut self.pools.iter().flat_map(|pool| {
+            &mut pools.iter().flat_map(|pool| {
                 pool.servers().iter().map(move |server| {
                     (
                         format!(
@@ -206,9 +209,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Answers `GET /metrics` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    let mut errors = AcceptErrors::new("metrics endpoint".into());
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                errors.succeeded();
                 let metrics = Arc::clone(&metrics);
                 tokio::spawn(async move {
                     if let Err(e) = answer(stream, &metrics).await {
@@ -216,10 +221,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                     }
                 });
             }
-            Err(e) => {
-                warn!("metrics endpoint cannot accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Err(e) => errors.failed(&e).await,
         }
     }
 }
@@ -438,8 +440,8 @@ mod tests {
         web.add_bytes(1000, 3 << 20);
         web.refuse(Refusal::PerIpRate);
         let metrics = Metrics {
-            listeners: vec![web],
-            pools: Vec::new(),
+            listeners: RwLock::new(vec![web]),
+            pools: RwLock::default(),
             plane: DataPlane::Copy,
         };
         let text = metrics.render();

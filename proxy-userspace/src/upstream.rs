@@ -87,26 +87,23 @@ impl Pool {
     /// that is an error; a server that does not resolve yet is retried at each re-resolve.
     pub async fn resolve(config: &PoolConfig, pins: Arc<Pins>) -> Result<Arc<Self>, ResolveError> {
         let mut servers = Vec::with_capacity(config.servers.len());
-        let mut first_error = None;
+        let mut errors = Vec::new();
         for upstream in &config.servers {
-            let addrs = match resolve(upstream, &pins).await {
-                Ok(addrs) => addrs,
-                Err(e) => {
-                    warn!("{e}; retrying every {:?}", config.resolve_interval);
-                    first_error.get_or_insert(e);
-                    Vec::new()
-                }
-            };
+            let addrs = resolve(upstream, &pins).await.unwrap_or_else(|e| {
+                errors.push(e);
+                Vec::new()
+            });
             servers.push(Server {
                 upstream: upstream.clone(),
                 up: AtomicBool::new(!addrs.is_empty()),
                 addrs: Mutex::new(addrs),
             });
         }
-        if let Some(e) = first_error
-            && servers.iter().all(|s| !s.is_up())
-        {
-            return Err(e);
+        if errors.len() == servers.len() {
+            return Err(errors.swap_remove(0));
+        }
+        for e in errors {
+            warn!("{e}; retrying every {:?}", config.resolve_interval);
         }
         Ok(Arc::new(Self {
             name: config.name.clone(),
@@ -144,6 +141,8 @@ impl Pool {
                         server.set_up(&self.name, true, &"");
                         return Ok(stream);
                     }
+                    // Out of descriptors is this process's state, not the server's.
+                    Ok(Err(e)) if is_local_shortage(&e) => return Err(ConnectError::Local(e)),
                     Ok(Err(e)) => {
                         server.set_up(&self.name, false, &e);
                         last = ConnectError::Refused(server.upstream.clone(), e);
@@ -204,8 +203,18 @@ impl Pool {
     }
 }
 
+/// EMFILE, ENFILE, ENOBUFS, ENOMEM: no socket could be made at all.
+pub fn is_local_shortage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    #[error("no socket for the upstream: {0}")]
+    Local(io::Error),
     #[error("no server has an address yet")]
     NoAddresses,
     #[error("{0} refused: {1}")]

@@ -259,17 +259,19 @@ impl Relay {
     }
 
     /// Sends `signal` and waits for the process to exit.
-    pub fn stop(mut self, signal: libc::c_int) -> (ExitStatus, Vec<String>) {
+    pub fn stop(self, signal: libc::c_int) -> (ExitStatus, Vec<String>) {
         self.signal(signal);
-        let end = Instant::now() + Duration::from_secs(10);
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Waits for the process to exit by itself (panics after `within`).
+    pub fn wait_exit(mut self, within: Duration) -> (ExitStatus, Vec<String>) {
+        let end = Instant::now() + within;
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait for relay") {
                 break status;
             }
-            assert!(
-                Instant::now() < end,
-                "relay did not exit within 10 s of signal {signal}"
-            );
+            assert!(Instant::now() < end, "relay did not exit within {within:?}");
             thread::sleep(Duration::from_millis(20));
         };
         self.drain_log(Duration::from_millis(500));

@@ -99,7 +99,11 @@ fn without_privileges_auto_falls_back_and_kernel_says_why() {
         .cloned()
         .unwrap_or_default();
     assert!(listening.contains("(dataplane splice)"), "{listening}");
-    let warnings: Vec<_> = relay.lines.iter().filter(|l| l.contains("WARN")).collect();
+    let warnings: Vec<_> = relay
+        .lines
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("kernel data plane"))
+        .collect();
     assert_eq!(warnings.len(), 1, "one warning expected: {warnings:?}");
     assert!(
         warnings[0].contains("not allowed to load eBPF programs"),

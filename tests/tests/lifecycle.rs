@@ -100,7 +100,12 @@ pub fn silent_upstream_closes_client_after_timeout(plane: Plane) {
 pub fn stops_cleanly_on_sigterm_and_sigint(plane: Plane) {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let upstream = Upstream::start(Behaviour::BannerThenEcho(b"hi".to_vec()));
-        let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
+        // SIGTERM drains: an open connection may keep it only up to the drain timeout.
+        let Some(relay) = Relay::start(
+            plane,
+            &upstream.relay_target(),
+            &["--drain-timeout", "500ms"],
+        ) else {
             return;
         };
         // An open connection must not keep the relay from stopping.

@@ -5,6 +5,7 @@
 mod cli;
 mod lifecycle;
 mod parity;
+mod reliability;
 mod resources;
 mod transfer;
 

@@ -35,6 +35,7 @@ pub struct RelaySection {
     #[serde(default, deserialize_with = "dataplane")]
     pub dataplane: Option<DataPlaneChoice>,
     pub log_clients: Option<bool>,
+    pub map_connections: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,6 +57,8 @@ pub struct TimeoutsSection {
     pub idle: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
     pub half_closed: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub drain: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

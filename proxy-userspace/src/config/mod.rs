@@ -49,6 +49,7 @@ pub struct Overrides {
     pub pins: Vec<Pin>,
     pub dataplane: Option<DataPlaneChoice>,
     pub log_clients: bool,
+    pub map_connections: Option<u32>,
     pub max_connections: Option<u32>,
     pub per_ip_connections: Option<u32>,
     pub per_ip_rate: Option<u32>,
@@ -56,6 +57,7 @@ pub struct Overrides {
     pub handshake_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub half_closed_timeout: Option<Duration>,
+    pub drain_timeout: Option<Duration>,
     pub metrics: Option<SocketAddr>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -65,6 +67,8 @@ pub struct Overrides {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub dataplane: DataPlaneChoice,
+    /// Connections the kernel maps hold (two sockets each); more fall back to userspace.
+    pub map_connections: u32,
     pub log_clients: bool,
     pub limits: Limits,
     pub timeouts: Timeouts,
@@ -91,6 +95,8 @@ pub struct Timeouts {
     pub handshake: Duration,
     pub idle: Duration,
     pub half_closed: Duration,
+    /// After SIGTERM, how long open connections may take to finish.
+    pub drain: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,6 +143,7 @@ const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
     handshake: Duration::from_secs(10),
     idle: Duration::from_secs(600),
     half_closed: Duration::from_secs(60),
+    drain: Duration::from_secs(30),
 };
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(300);
@@ -316,6 +323,17 @@ impl Builder<'_> {
             (None, Some(n)) => *n.get_ref(),
             (None, None) => DEFAULT_LIMITS.max_connections,
         };
+        let map_connections = match (&overrides.map_connections, &file.relay.map_connections) {
+            (Some(n), _) => *n,
+            (None, Some(n)) if !(1..=MAX_CONNECTIONS).contains(n.get_ref()) => {
+                return Err(self.error(
+                    Some(n.span()),
+                    format!("map_connections must be 1-{MAX_CONNECTIONS}"),
+                ));
+            }
+            (None, Some(n)) => *n.get_ref(),
+            (None, None) => max_connections,
+        };
         let limits = Limits {
             max_connections,
             per_ip_connections: overrides
@@ -345,6 +363,10 @@ impl Builder<'_> {
                 .half_closed_timeout
                 .or(t.half_closed)
                 .unwrap_or(DEFAULT_TIMEOUTS.half_closed),
+            drain: overrides
+                .drain_timeout
+                .or(t.drain)
+                .unwrap_or(DEFAULT_TIMEOUTS.drain),
         };
 
         let tls = match (&overrides.tls_cert, &overrides.tls_key) {
@@ -383,6 +405,7 @@ impl Builder<'_> {
                 .dataplane
                 .or(file.relay.dataplane)
                 .unwrap_or(DataPlaneChoice::Auto),
+            map_connections,
             log_clients: overrides.log_clients || file.relay.log_clients.unwrap_or(false),
             limits,
             timeouts,
@@ -398,7 +421,7 @@ impl Builder<'_> {
 impl Config {
     /// Sockhash capacity: two sockets per connection.
     pub fn max_sockets(&self) -> u32 {
-        self.limits.max_connections.saturating_mul(2)
+        self.map_connections.saturating_mul(2)
     }
 }
 

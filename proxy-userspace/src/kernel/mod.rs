@@ -107,6 +107,9 @@ pub struct KernelDataPlane {
     backlog_limit: u64,
     /// Connections the map would not take, relayed in userspace instead.
     fallbacks: AtomicU64,
+    /// When the last "maps declined" warning was logged (coarse monotonic ns; 0: never):
+    /// at most one a minute, however many connections are declined.
+    declined_warned_ns: AtomicU64,
     watcher: Arc<SocketWatcher>,
     // Dropping the Ebpf detaches the program and frees the maps: it lives as long as we do.
     _ebpf: Ebpf,
@@ -117,6 +120,7 @@ impl KernelDataPlane {
     /// and program notifications. Must be called inside a tokio runtime.
     pub fn load(max_sockets: u32) -> Result<Arc<Self>, KernelLoadError> {
         let object = OBJECT.ok_or(KernelLoadError::NoObject)?;
+        check_capabilities()?;
         let offset = |btf: &Btf, field| {
             btf.member_offset("tcp_sock", field)
                 .map_err(KernelLoadError::Btf)
@@ -173,6 +177,7 @@ impl KernelDataPlane {
             watcher,
             backlog_limit,
             fallbacks: AtomicU64::new(0),
+            declined_warned_ns: AtomicU64::new(0),
             _ebpf: ebpf,
         }))
     }
@@ -190,6 +195,29 @@ impl KernelDataPlane {
     /// Entries currently in the socket map: what leak checks compare against zero.
     pub fn socket_entries(&self) -> usize {
         self.maps().sockets.keys().filter(Result::is_ok).count()
+    }
+}
+
+/// Names the missing capabilities up front: without CAP_PERFMON the verifier would only
+/// reject bpf_skc_to_tcp_sock with a page of log. CAP_SYS_ADMIN covers BPF and PERFMON.
+fn check_capabilities() -> Result<(), KernelLoadError> {
+    let admin = crate::sys::has_capability(crate::sys::CAP_SYS_ADMIN);
+    let missing: Vec<&str> = [
+        ("CAP_BPF", crate::sys::CAP_BPF, admin),
+        ("CAP_NET_ADMIN", crate::sys::CAP_NET_ADMIN, false),
+        ("CAP_PERFMON", crate::sys::CAP_PERFMON, admin),
+    ]
+    .into_iter()
+    .filter(|(_, cap, covered)| !covered && !crate::sys::has_capability(*cap))
+    .map(|(name, _, _)| name)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(KernelLoadError::NotPermitted(format!(
+            "missing {}",
+            missing.join(", ")
+        )))
     }
 }
 

@@ -17,7 +17,7 @@ use std::{
 };
 
 use proxy_common::{FlowControl, FlowState};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     KernelDataPlane,
@@ -28,6 +28,8 @@ use crate::{
     sys,
 };
 
+/// The shortest gap between two "kernel maps declined" warnings.
+const DECLINED_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// How often a connection re-reads its flows in case a notification was lost to a full
 /// ring buffer.
 const AUDIT_PERIOD: Duration = Duration::from_secs(5);
@@ -107,8 +109,26 @@ impl KernelDataPlane {
         upstream: TcpStream,
         supervision: &Supervision,
     ) -> Result<Result<Transfer, FlowError>, Declined> {
-        let connection = self.join_maps(client, upstream).inspect_err(|_| {
-            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        let connection = self.join_maps(client, upstream).inspect_err(|declined| {
+            let total = self.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
+            // A FIN that beat the setup is routine; a map that refuses entries is news,
+            // worth a line a minute at most.
+            if matches!(declined.reason, KernelRelayError::NotEstablished) {
+                return;
+            }
+            let now = sys::monotonic_coarse_ns();
+            let last = self.declined_warned_ns.load(Ordering::Relaxed);
+            if (last == 0 || now.saturating_sub(last) >= DECLINED_WARNING_EVERY.as_nanos() as u64)
+                && self
+                    .declined_warned_ns
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                warn!(
+                    "kernel maps declined a connection ({}): relaying it in userspace ({total} fallbacks so far; next notice in a minute at the earliest)",
+                    declined.reason
+                );
+            }
         })?;
         Ok(connection.run(supervision).await)
     }

@@ -1,16 +1,15 @@
-//! The control plane: binds every listener, then for each client: per-IP limits, the PROXY
-//! header and TLS handshake (bounded by the handshake timeout), an upstream from the pool,
-//! the header sent upstream, and the relay on the chosen data plane.
+//! One listener's accept loop and one connection's life: per-IP limits, the PROXY header
+//! and TLS handshake (bounded by the handshake timeout), an upstream from the pool, the
+//! header sent upstream, and the relay on the chosen data plane.
 
 use std::{
     fmt, io,
     net::SocketAddr,
     os::fd::AsRawFd,
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
 };
 
 use tokio::{
@@ -20,209 +19,59 @@ use tokio::{
     time::{Instant, timeout_at},
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::{
-    config::{Config, ListenerConfig, Timeouts},
-    dataplane::{DataPlane, DataPlaneChoice, Supervision, relay_streams},
-    kernel::{KernelDataPlane, KernelLoadError},
+    accept::{ACCEPT_BACKOFF, AcceptErrors},
+    config::{ListenerConfig, Timeouts},
+    dataplane::{DataPlane, Supervision, relay_streams},
     limits::ClientLimits,
-    metrics::{self, ListenerMetrics, Metrics, Refusal},
+    metrics::{ListenerMetrics, Refusal},
     proxy_protocol::{self, Endpoints},
     sys,
-    tls::{self, TlsError},
-    upstream::{Pins, Pool, ResolveError},
+    upstream::{ConnectError, Pool},
 };
 
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    #[error("cannot listen on {addr}{hint}", hint = bind_hint(source))]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error(transparent)]
-    Resolve(#[from] ResolveError),
-    #[error("--dataplane kernel unavailable")]
-    Kernel(#[from] KernelLoadError),
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-}
+/// A value replaced as a whole on reload; readers take the current one.
+pub type Current<T> = Arc<RwLock<Arc<T>>>;
 
-fn bind_hint(e: &io::Error) -> &'static str {
-    match e.kind() {
-        io::ErrorKind::AddrInUse => " (another process holds this port: stop it or pick another)",
-        io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
-        io::ErrorKind::AddrNotAvailable => " (no local interface has this address)",
-        _ => "",
-    }
-}
-
-/// Picks the data plane; `auto` falls back to splice with one warning saying why.
-pub fn choose_data_plane(config: &Config) -> Result<DataPlane, RelayError> {
-    match config.dataplane {
-        DataPlaneChoice::Copy => Ok(DataPlane::Copy),
-        DataPlaneChoice::Splice => Ok(DataPlane::Splice),
-        DataPlaneChoice::Kernel => Ok(DataPlane::Kernel(KernelDataPlane::load(
-            config.max_sockets(),
-        )?)),
-        DataPlaneChoice::Auto => match KernelDataPlane::load(config.max_sockets()) {
-            Ok(kernel) => Ok(DataPlane::Kernel(kernel)),
-            Err(e) => {
-                warn!("kernel data plane unavailable, relaying with splice instead: {e}");
-                Ok(DataPlane::Splice)
-            }
-        },
-    }
-}
-
-async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), RelayError> {
-    let error = |source| RelayError::Bind { addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(error)?;
-    let local = listener.local_addr().map_err(error)?;
-    Ok((listener, local))
-}
-
-/// Runs the relay until `shutdown` completes, then closes every connection and returns.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
-    let plane = choose_data_plane(&config)?;
-    let pins = Pins::new(config.pins.clone());
-    let mut pools = Vec::with_capacity(config.pools.len());
-    for pool in &config.pools {
-        pools.push(Pool::resolve(pool, Arc::clone(&pins)).await?);
-    }
-    let tls = match config.listeners.iter().any(|l| l.tls) {
-        true => Some(tls::acceptor(&config.tls)?),
-        false => None,
-    };
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        plane: plane.clone(),
-        timeouts: config.timeouts,
-        tls,
-        client_limits: ClientLimits::new(&config.limits),
-        log_clients: config.log_clients,
-        stop: stop_rx,
-    });
-
-    let mut bound = Vec::with_capacity(config.listeners.len());
-    for listener in &config.listeners {
-        let (socket, addr) = bind(listener.listen).await?;
-        let pool = Arc::clone(&pools[listener.pool]);
-        info!(
-            "listening on {addr} -> pool {} [{}]{}{}{} (dataplane {})",
-            pool.name,
-            pool.servers()
-                .iter()
-                .map(|s| s.upstream.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            if listener.accept_proxy {
-                ", accepts PROXY"
-            } else {
-                ""
-            },
-            if listener.tls { ", TLS" } else { "" },
-            match listener.send_proxy {
-                crate::config::HeaderVersion::None => "",
-                crate::config::HeaderVersion::V1 => ", sends PROXY v1",
-                crate::config::HeaderVersion::V2 => ", sends PROXY v2",
-            },
-            if listener.tls {
-                "userspace"
-            } else {
-                plane.name()
-            },
-        );
-        let mut listener = listener.clone();
-        listener.name.get_or_insert_with(|| addr.to_string());
-        bound.push((socket, listener, pool));
-    }
-
-    let mut tasks = tokio::task::JoinSet::new();
-    let listener_metrics: Vec<Arc<ListenerMetrics>> = bound
-        .iter()
-        .map(|(_, l, _)| Arc::new(ListenerMetrics::new(l.name.clone().unwrap_or_default())))
-        .collect();
-    if let Some(addr) = config.metrics {
-        let (socket, local) = bind(addr).await?;
-        if !addr.ip().is_loopback() {
-            warn!("metrics are served on {local}, which is not loopback: firewall it");
-        }
-        info!("metrics on http://{local}/metrics");
-        let metrics = Arc::new(Metrics {
-            listeners: listener_metrics.clone(),
-            pools: pools.clone(),
-            plane: plane.clone(),
-        });
-        tasks.spawn(metrics::serve(socket, metrics));
-    }
-    for pool in &pools {
-        tasks.spawn(Arc::clone(pool).maintain());
-    }
-
-    let limit = Arc::new(Semaphore::new(config.limits.max_connections as usize));
-    let open = Arc::new(AtomicU64::new(0));
-    for ((socket, config, pool), metrics) in bound.into_iter().zip(listener_metrics) {
-        let listener = Arc::new(Listener {
-            listener_limit: config
-                .max_connections
-                .map(|n| Arc::new(Semaphore::new(n as usize))),
-            config,
-            pool,
-            metrics,
-        });
-        tasks.spawn(accept_loop(
-            socket,
-            listener,
-            Arc::clone(&shared),
-            Arc::clone(&limit),
-            Arc::clone(&open),
-        ));
-    }
-    tasks.spawn(report_status_on_sigusr1(plane.clone(), Arc::clone(&open)));
-    info!("ready: {} listeners", config.listeners.len());
-
-    shutdown.await;
-    info!("shutting down: closing listeners and connections");
-    tasks.shutdown().await;
-    // Handlers see the flag, close their sockets and give their permits back.
-    let _ = stop_tx.send(true);
-    let _ = limit.acquire_many(config.limits.max_connections).await;
-    info!("all connections closed");
-    Ok(())
+pub fn current<T>(value: &Current<T>) -> Arc<T> {
+    Arc::clone(&value.read().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// What every connection of the process shares.
-struct Shared {
-    plane: DataPlane,
-    timeouts: Timeouts,
-    tls: Option<TlsAcceptor>,
-    client_limits: Arc<ClientLimits>,
-    log_clients: bool,
-    stop: watch::Receiver<bool>,
+pub struct Shared {
+    pub plane: DataPlane,
+    pub timeouts: Timeouts,
+    pub tls: Option<TlsAcceptor>,
+    pub client_limits: Arc<ClientLimits>,
+    pub log_clients: bool,
+    pub stop: watch::Receiver<bool>,
 }
 
 /// One configured listener.
-struct Listener {
-    config: ListenerConfig,
-    pool: Arc<Pool>,
-    metrics: Arc<ListenerMetrics>,
-    listener_limit: Option<Arc<Semaphore>>,
+pub struct Listener {
+    pub config: ListenerConfig,
+    pub pool: Arc<Pool>,
+    pub metrics: Arc<ListenerMetrics>,
+    pub listener_limit: Option<Arc<Semaphore>>,
 }
 
-async fn accept_loop(
+/// Accepts until aborted. The listener and shared settings are read afresh for each
+/// connection, so a reload applies to the next one.
+pub async fn accept_loop(
     socket: TcpListener,
-    listener: Arc<Listener>,
-    shared: Arc<Shared>,
+    listener_now: Current<Listener>,
+    shared_now: Current<Shared>,
     limit: Arc<Semaphore>,
     open: Arc<AtomicU64>,
 ) {
+    let mut errors = AcceptErrors::new(current(&listener_now).metrics.name.clone());
     loop {
         // Wait for free slots before accepting: excess clients queue in the kernel backlog.
-        let listener_permit = match &listener.listener_limit {
-            Some(semaphore) => match Arc::clone(semaphore).acquire_owned().await {
+        let listener_limit = current(&listener_now).listener_limit.clone();
+        let listener_permit = match listener_limit {
+            Some(semaphore) => match semaphore.acquire_owned().await {
                 Ok(permit) => Some(permit),
                 Err(_) => return,
             },
@@ -231,8 +80,12 @@ async fn accept_loop(
         let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
             return;
         };
-        match socket.accept().await {
+        let accepted = socket.accept().await;
+        // Whatever a reload changed while this loop waited applies to this connection.
+        let (listener, shared) = (current(&listener_now), current(&shared_now));
+        match accepted {
             Ok((client, peer)) => {
+                errors.succeeded();
                 listener.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                 let client_slot = match shared.client_limits.admit(peer.ip()) {
                     Ok(slot) => slot,
@@ -259,11 +112,7 @@ async fn accept_loop(
                     drop((gauges, client_slot, permit, listener_permit));
                 });
             }
-            Err(e) => {
-                // Out of fds or memory: back off instead of spinning on the same error.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Err(e) => errors.failed(&e).await,
         }
     }
 }
@@ -381,17 +230,20 @@ impl Connection {
     /// Connects to the pool and writes the configured PROXY header; on failure the client
     /// is reset and None returned.
     async fn open_upstream(&self, client: &TcpStream, endpoints: Endpoints) -> Option<TcpStream> {
-        let mut upstream = match self
-            .listener
-            .pool
-            .connect(self.shared.timeouts.connect)
-            .await
-        {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                self.refuse(Refusal::UpstreamUnavailable, &e);
-                reset(client);
-                return None;
+        let limit = self.shared.timeouts.connect;
+        let deadline = Instant::now() + limit;
+        let mut upstream = loop {
+            match self.listener.pool.connect(limit).await {
+                Ok(upstream) => break upstream,
+                // Out of descriptors: wait for some to free up, as accepting does.
+                Err(ConnectError::Local(_)) if Instant::now() + ACCEPT_BACKOFF < deadline => {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+                Err(e) => {
+                    self.refuse(Refusal::UpstreamUnavailable, &e);
+                    reset(client);
+                    return None;
+                }
             }
         };
         let _ = upstream.set_nodelay(true);
@@ -493,7 +345,7 @@ impl Drop for OpenGauges {
 }
 
 /// `kill -USR1 PID` logs one line an operator (or a test) can read.
-async fn report_status_on_sigusr1(plane: DataPlane, open: Arc<AtomicU64>) {
+pub async fn report_status_on_sigusr1(plane: DataPlane, open: Arc<AtomicU64>) {
     let Ok(mut usr1) =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
     else {
