@@ -46,11 +46,22 @@ const MAX_V1: usize = 107;
 
 /// Parses the start of a client's stream.
 pub fn parse(bytes: &[u8]) -> Parsed {
-    // A v1 line is only judged once its end has arrived: ppp takes a lone CR for the end.
-    if bytes.starts_with(b"PROXY ") && !bytes[..bytes.len().min(MAX_V1)].contains(&b'\n') {
-        return match bytes.len() < MAX_V1 {
-            true => Parsed::Incomplete,
-            false => Parsed::Malformed("no line end within 107 bytes".into()),
+    // A v1 line is judged once its LF has arrived, and on its own: ppp takes a lone CR
+    // for the end, and accepts a line without CR when nothing follows it.
+    if bytes.starts_with(b"PROXY ") {
+        let window = &bytes[..bytes.len().min(MAX_V1)];
+        let Some(lf) = window.iter().position(|&b| b == b'\n') else {
+            return match bytes.len() < MAX_V1 {
+                true => Parsed::Incomplete,
+                false => Parsed::Malformed("no line end within 107 bytes".into()),
+            };
+        };
+        if bytes[lf - 1] != b'\r' {
+            return Parsed::Malformed("the line must end in CRLF".into());
+        }
+        return match v1::Header::try_from(&bytes[..=lf]) {
+            Ok(header) => Parsed::Complete(lf + 1, v1_endpoints(header.addresses)),
+            Err(e) => Parsed::Malformed(e.to_string()),
         };
     }
     let result = HeaderResult::parse(bytes);
@@ -59,18 +70,7 @@ pub fn parse(bytes: &[u8]) -> Parsed {
     }
     match result {
         HeaderResult::V1(Ok(header)) => {
-            let endpoints = match header.addresses {
-                v1::Addresses::Tcp4(a) => Some(Endpoints {
-                    source: (a.source_address, a.source_port).into(),
-                    destination: (a.destination_address, a.destination_port).into(),
-                }),
-                v1::Addresses::Tcp6(a) => Some(Endpoints {
-                    source: (a.source_address, a.source_port).into(),
-                    destination: (a.destination_address, a.destination_port).into(),
-                }),
-                v1::Addresses::Unknown => None,
-            };
-            Parsed::Complete(header.header.len(), endpoints)
+            Parsed::Complete(header.header.len(), v1_endpoints(header.addresses))
         }
         HeaderResult::V2(Ok(header)) => {
             let endpoints = match (header.command, header.addresses) {
@@ -88,6 +88,38 @@ pub fn parse(bytes: &[u8]) -> Parsed {
         }
         HeaderResult::V1(Err(e)) => Parsed::Malformed(e.to_string()),
         HeaderResult::V2(Err(e)) => Parsed::Malformed(e.to_string()),
+    }
+}
+
+/// What must hold for any input, checked by the fuzz target and by the regression tests
+/// that replay its findings: no panic, a complete header lies within the input, and stays
+/// the same whatever follows it.
+#[doc(hidden)]
+pub fn check_invariants(data: &[u8]) {
+    if let Parsed::Complete(len, endpoints) = parse(data) {
+        assert!(len > 0 && len <= data.len());
+        let mut longer = data.to_vec();
+        longer.extend_from_slice(b"payload");
+        assert_eq!(
+            parse(&longer),
+            Parsed::Complete(len, endpoints),
+            "{:?}",
+            String::from_utf8_lossy(data)
+        );
+    }
+}
+
+fn v1_endpoints(addresses: v1::Addresses) -> Option<Endpoints> {
+    match addresses {
+        v1::Addresses::Tcp4(a) => Some(Endpoints {
+            source: (a.source_address, a.source_port).into(),
+            destination: (a.destination_address, a.destination_port).into(),
+        }),
+        v1::Addresses::Tcp6(a) => Some(Endpoints {
+            source: (a.source_address, a.source_port).into(),
+            destination: (a.destination_address, a.destination_port).into(),
+        }),
+        v1::Addresses::Unknown => None,
     }
 }
 
@@ -240,9 +272,22 @@ mod tests {
                     _ => input.insert(at, rng.random()),
                 }
             }
-            if let Parsed::Complete(len, _) = parse(&input) {
-                assert!(len <= input.len());
-            }
+            check_invariants(&input);
         }
+    }
+
+    /// Inputs the fuzzer (or a bug report) found, kept in fuzz/regressions/proxy_header.
+    #[test]
+    fn fuzz_regressions_stay_fixed() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/regressions/proxy_header"
+        );
+        let mut replayed = 0;
+        for entry in std::fs::read_dir(dir).expect("regressions directory") {
+            check_invariants(&std::fs::read(entry.unwrap().path()).unwrap());
+            replayed += 1;
+        }
+        assert!(replayed > 0);
     }
 }

@@ -1,6 +1,7 @@
-//! Developer and operator commands: `cargo xtask build | build-and-run | test`.
+//! Developer and operator commands: `cargo xtask build | build-and-run | test | fuzz | bench`.
 
 mod bench;
+mod fuzz;
 mod toolchain;
 
 use std::{
@@ -34,6 +35,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run each cargo-fuzz target (PROXY header parser, config loader) for a while.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
     /// Build, then measure iperf3 through each data plane and directly, side by side.
     Bench {
         /// Fewer and shorter runs (a smoke check of the harness).
@@ -45,6 +52,7 @@ enum Task {
 fn main() -> Result<()> {
     let root = workspace_root();
     match Cli::parse().command {
+        Task::Fuzz { seconds } => fuzz::fuzz(&root, seconds),
         Task::Build => {
             let binary = build(&root)?;
             println!(

@@ -177,11 +177,7 @@ impl Config {
             ),
             Source::Forwards => ("command line".to_owned(), String::new()),
         };
-        Builder {
-            origin: &origin,
-            text: &text,
-        }
-        .build(overrides)
+        Self::parse(&origin, &text, overrides)
     }
 }
 
@@ -419,6 +415,11 @@ impl Builder<'_> {
 }
 
 impl Config {
+    /// Parses configuration text as if read from a file named `origin`.
+    pub fn parse(origin: &str, text: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
+        Builder { origin, text }.build(overrides)
+    }
+
     /// Sockhash capacity: two sockets per connection.
     pub fn max_sockets(&self) -> u32 {
         self.map_connections.saturating_mul(2)
@@ -503,6 +504,21 @@ mod tests {
             "localhost:22"
         );
         assert_eq!(forward.send_proxy, HeaderVersion::None);
+    }
+
+    /// Inputs kept in fuzz/regressions/config: each gives a configuration or an error whose
+    /// line exists, never a panic.
+    #[test]
+    fn fuzz_regressions_stay_fixed() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/regressions/config");
+        for entry in std::fs::read_dir(dir).expect("regressions directory") {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            if let Err(e) = from_text(&text, &Overrides::default())
+                && let Some(line) = e.line
+            {
+                assert!((1..=text.split('\n').count()).contains(&line), "{e}");
+            }
+        }
     }
 
     #[test]
