@@ -4,6 +4,7 @@
 pub mod peers;
 pub mod proxied;
 pub mod relay;
+pub mod soak;
 
 pub use peers::*;
 pub use proxied::*;

@@ -3,10 +3,12 @@
 //! copy); kernel-mode cases skip unless BPF loads, or fail when PROXY_REQUIRE_BPF=1.
 
 mod cli;
+mod flood;
 mod lifecycle;
 mod parity;
 mod reliability;
 mod resources;
+mod soak;
 mod transfer;
 
 use integration_tests::Plane;
@@ -37,6 +39,7 @@ for_each_plane!(
     parity::metrics_count_the_bytes_sent,
     parity::idle_timeout_counts_traffic_both_ways,
     parity::half_closed_timeout_ends_a_one_sided_connection,
+    soak::soak_keeps_every_byte_and_leaks_nothing,
 );
 
 #[test]

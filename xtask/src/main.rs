@@ -1,4 +1,5 @@
-//! Developer and operator commands: `cargo xtask build | build-and-run | test | fuzz | bench`.
+//! Developer and operator commands: `cargo xtask build | build-and-run | test | soak | fuzz |
+//! bench`.
 
 mod bench;
 mod fuzz;
@@ -35,6 +36,20 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then soak the kernel data plane: many connections of random sizes with
+    /// half-closes, resets and dying upstreams; every byte checked, nothing left behind.
+    Soak {
+        #[arg(long, default_value_t = 10_000)]
+        connections: u32,
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Largest transfer per direction, in MiB.
+        #[arg(long, default_value_t = 16)]
+        max_mib: u32,
+        /// Connections in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: u32,
+    },
     /// Run each cargo-fuzz target (PROXY header parser, config loader) for a while.
     Fuzz {
         /// Seconds per target.
@@ -53,6 +68,29 @@ fn main() -> Result<()> {
     let root = workspace_root();
     match Cli::parse().command {
         Task::Fuzz { seconds } => fuzz::fuzz(&root, seconds),
+        Task::Soak {
+            connections,
+            minutes,
+            max_mib,
+            concurrency,
+        } => {
+            let binary = build(&root)?;
+            let object = toolchain::ebpf_object(&root);
+            run(host_cargo(&object)
+                .args(["test", "--release", "--package", "integration-tests"])
+                .args(["--test", "integration", "--", "--exact"])
+                .args([
+                    "kernel::soak_keeps_every_byte_and_leaks_nothing",
+                    "--nocapture",
+                ])
+                .env("EBPF_PROXY_BIN", &binary)
+                .env("PROXY_REQUIRE_BPF", "1")
+                .env("SOAK_CONNECTIONS", connections.to_string())
+                .env("SOAK_MINUTES", minutes.to_string())
+                .env("SOAK_MAX_MIB", max_mib.to_string())
+                .env("SOAK_CONCURRENCY", concurrency.to_string())
+                .current_dir(&root))
+        }
         Task::Build => {
             let binary = build(&root)?;
             println!(

@@ -345,12 +345,13 @@ impl Drop for OpenGauges {
 }
 
 /// `kill -USR1 PID` logs one line an operator (or a test) can read.
-pub async fn report_status_on_sigusr1(plane: DataPlane, open: Arc<AtomicU64>) {
-    let Ok(mut usr1) =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-    else {
-        return;
-    };
+/// The handler is installed by the caller, before it says it is ready: a SIGUSR1 that came
+/// before would otherwise end the process (the default action).
+pub async fn report_status_on_sigusr1(
+    mut usr1: tokio::signal::unix::Signal,
+    plane: DataPlane,
+    open: Arc<AtomicU64>,
+) {
     while usr1.recv().await.is_some() {
         let connections = open.load(Ordering::Relaxed);
         let kernel = match &plane {

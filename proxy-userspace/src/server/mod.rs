@@ -238,10 +238,16 @@ impl Server {
                 .background
                 .spawn(metrics::serve(socket, Arc::clone(&server.metrics)));
         }
-        server.background.spawn(report_status_on_sigusr1(
-            server.plane.clone(),
-            Arc::clone(&server.open),
-        ));
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+            Ok(usr1) => {
+                server.background.spawn(report_status_on_sigusr1(
+                    usr1,
+                    server.plane.clone(),
+                    Arc::clone(&server.open),
+                ));
+            }
+            Err(e) => warn!("no status line on SIGUSR1: {e}"),
+        }
         info!("ready: {} listeners", server.running.len());
         Ok(server)
     }

@@ -1,0 +1,177 @@
+//! A connection flood from many loopback addresses: per-IP limits hold, a legitimate
+//! client keeps being served, and /metrics keeps answering.
+
+use std::{
+    io::Read,
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{Relay, connect_from, http_get, metric, reset};
+
+/// The flood: attempts per second offered, for how long, from how many source addresses.
+const RATE: u64 = 20_000;
+const SECONDS: u64 = 3;
+const ATTEMPTS: u64 = RATE * SECONDS;
+const SOURCES: u32 = 250;
+const PER_IP_RATE: u64 = 10;
+const FLOODERS: u64 = 4;
+
+/// An upstream that accepts and closes at once: the flood's connections carry nothing.
+fn sink() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    addr
+}
+
+/// Sends a SYN from `source` without waiting for the handshake, then resets: an attempt
+/// costs the flooder almost nothing, as in a real flood. True if connect did not fail.
+fn hit(source: Ipv4Addr, to: SocketAddr) -> bool {
+    // SAFETY: plain socket calls; the fd is owned by the TcpStream right away.
+    let stream = unsafe {
+        let fd = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
+        assert!(fd >= 0);
+        TcpStream::from_raw_fd(fd)
+    };
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let SocketAddr::V4(to) = to else {
+        unreachable!()
+    };
+    let (local, remote) = (sockaddr(source, 0), sockaddr(*to.ip(), to.port()));
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: valid sockaddr_in values and length.
+    let ok = unsafe {
+        libc::bind(stream.as_raw_fd(), std::ptr::from_ref(&local).cast(), len) == 0
+            && (libc::connect(stream.as_raw_fd(), std::ptr::from_ref(&remote).cast(), len) == 0
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EINPROGRESS))
+    };
+    reset(stream);
+    ok
+}
+
+#[test]
+fn flood_from_many_addresses_keeps_limits_and_service() {
+    let forward = format!("127.0.0.1:0={}", sink());
+    let rate = PER_IP_RATE.to_string();
+    let relay = Relay::spawn(&[
+        "--forward",
+        &forward,
+        "--dataplane",
+        "copy",
+        "--per-ip-rate",
+        &rate,
+        "--per-ip-connections",
+        "16",
+        "--metrics",
+        "127.0.0.1:0",
+        "--max-connections",
+        "20000",
+    ])
+    .expect("relay starts");
+    let addr = relay.addr;
+    let metrics = relay.metrics.expect("metrics");
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let flooders: Vec<_> = (0..FLOODERS)
+        .map(|_| {
+            let next = Arc::clone(&next);
+            thread::spawn(move || {
+                let mut connected = 0u64;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= ATTEMPTS {
+                        return connected;
+                    }
+                    // Paced to RATE overall: attempt i is due at i / RATE seconds.
+                    let due = started + Duration::from_secs_f64(i as f64 / RATE as f64);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        thread::sleep(wait);
+                    }
+                    let n = 10 + (i % u64::from(SOURCES)) as u32;
+                    let source = Ipv4Addr::new(127, 1, (n >> 8) as u8, n as u8);
+                    connected += u64::from(hit(source, addr));
+                }
+            })
+        })
+        .collect();
+    // Meanwhile: scrapes answer, and a client from its own address is relayed.
+    let mut scrape_worst = Duration::ZERO;
+    let (mut legit_tries, mut legit_ok) = (0u64, 0u64);
+    while next.load(Ordering::Relaxed) < ATTEMPTS {
+        legit_tries += 1;
+        let t = Instant::now();
+        let text = http_get(metrics, "/metrics");
+        scrape_worst = scrape_worst.max(t.elapsed());
+        assert!(text.contains("ebpf_proxy_connections_total"));
+        let mut legit =
+            connect_from("127.0.9.9".parse().unwrap(), addr).expect("legitimate client connects");
+        // The sink closes at once: being relayed means a clean EOF, not a reset.
+        let mut byte = [0u8; 1];
+        legit
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        if matches!(legit.read(&mut byte), Ok(0)) {
+            legit_ok += 1;
+        }
+        // Well within its own per-IP rate.
+        thread::sleep(Duration::from_millis(150));
+    }
+    let connected: u64 = flooders.into_iter().map(|f| f.join().unwrap()).sum();
+    let elapsed = started.elapsed();
+
+    let text = http_get(metrics, "/metrics");
+    let listener = addr.to_string();
+    let total = metric(&text, "connections_total", &[("listener", &listener)]);
+    let refused = metric(
+        &text,
+        "connections_refused_total",
+        &[("listener", &listener), ("reason", "per_ip_rate")],
+    ) + metric(
+        &text,
+        "connections_refused_total",
+        &[("listener", &listener), ("reason", "per_ip_connections")],
+    );
+    let admitted_flood = total - refused - legit_ok;
+    // Each address may open a second's burst plus its rate for the time the flood lasted.
+    let bound =
+        u64::from(SOURCES) * (PER_IP_RATE + PER_IP_RATE * elapsed.as_secs().max(1) + PER_IP_RATE);
+    eprintln!(
+        "flood: {ATTEMPTS} attempts ({connected} connect calls without error) in {elapsed:?} ({:.0}/s offered) from {SOURCES} addresses; relay accepted {total}, admitted {admitted_flood} (bound {bound}), refused {refused}; legitimate client served {legit_ok} of {legit_tries}; slowest scrape {scrape_worst:?}",
+        ATTEMPTS as f64 / elapsed.as_secs_f64()
+    );
+    assert!(
+        admitted_flood <= bound,
+        "per-IP limits did not hold: {admitted_flood} > {bound}"
+    );
+    assert!(refused > 0);
+    assert_eq!(
+        legit_ok, legit_tries,
+        "the legitimate client was refused during the flood"
+    );
+    assert!(
+        scrape_worst < Duration::from_secs(2),
+        "metrics answered in {scrape_worst:?}"
+    );
+}
