@@ -3,6 +3,7 @@
 
 pub mod peers;
 pub mod proxied;
+pub mod raw;
 pub mod relay;
 pub mod soak;
 

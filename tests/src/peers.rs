@@ -202,32 +202,9 @@ pub fn reset(stream: TcpStream) {
 /// (their SYNs are dropped) until something is accepted from it. Returns the listener and
 /// the connections that fill its queue.
 pub fn full_listener() -> (TcpListener, Vec<TcpStream>) {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _};
-    // SAFETY: plain socket calls; the fd is owned by the TcpListener right away.
-    let listener = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
-        TcpListener::from_raw_fd(fd)
-    };
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: addr is a valid sockaddr_in for the call.
-    let bound = unsafe {
-        libc::bind(
-            listener.as_raw_fd(),
-            std::ptr::from_ref(&addr).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(bound, 0, "bind: {}", io::Error::last_os_error());
-    // SAFETY: plain syscall on our listener.
-    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let socket =
+        crate::raw::bound_socket("127.0.0.1:0".parse().expect("address"), false).expect("socket");
+    let listener = crate::raw::listen(socket, 0).expect("listen");
     let target = listener.local_addr().expect("listener address");
     let mut fillers = Vec::new();
     while let Ok(filler) = TcpStream::connect_timeout(&target, Duration::from_millis(500)) {

@@ -123,59 +123,10 @@ fn serve_echo(mut stream: TcpStream, expect: Expect, tx: &mpsc::Sender<Vec<u8>>)
 
 /// A TCP connection from a chosen loopback source address.
 pub fn connect_from(source: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
-    use std::os::fd::FromRawFd as _;
-    let (IpAddr::V4(source), SocketAddr::V4(_)) = (source, to) else {
+    let (IpAddr::V4(source), SocketAddr::V4(to)) = (source, to) else {
         panic!("IPv4 only");
     };
-    // SAFETY: plain socket calls; the fd is owned by the TcpStream right away.
-    let stream = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0);
-        TcpStream::from_raw_fd(fd)
-    };
-    let local = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(source.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: local is a valid sockaddr_in.
-    let bound = unsafe {
-        libc::bind(
-            stream.as_raw_fd(),
-            std::ptr::from_ref(&local).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if bound != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let SocketAddr::V4(to) = to else {
-        unreachable!()
-    };
-    let remote = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: to.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(to.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: remote is a valid sockaddr_in.
-    let connected = unsafe {
-        libc::connect(
-            stream.as_raw_fd(),
-            std::ptr::from_ref(&remote).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if connected != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stream)
+    crate::raw::connect_from_v4(source, to)
 }
 
 /// True when the peer closed or reset the connection, rather than leaving it open:

@@ -3,8 +3,7 @@
 
 use std::{
     io::Read,
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsRawFd as _, FromRawFd as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -13,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Relay, connect_from, http_get, metric, reset};
+use integration_tests::{Relay, connect_from, http_get, metric, raw, reset};
 
 /// The flood: attempts per second offered, for how long, from how many source addresses.
 const RATE: u64 = 20_000;
@@ -37,38 +36,13 @@ fn sink() -> SocketAddr {
 
 /// Sends a SYN from `source` without waiting for the handshake, then resets: an attempt
 /// costs the flooder almost nothing, as in a real flood. True if connect did not fail.
-fn hit(source: Ipv4Addr, to: SocketAddr) -> bool {
-    // SAFETY: plain socket calls; the fd is owned by the TcpStream right away.
-    let stream = unsafe {
-        let fd = libc::socket(
-            libc::AF_INET,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        );
-        assert!(fd >= 0);
-        TcpStream::from_raw_fd(fd)
+fn hit(source: Ipv4Addr, to: SocketAddrV4) -> bool {
+    let Ok(socket) = raw::bound_socket(SocketAddrV4::new(source, 0), true) else {
+        return false;
     };
-    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(ip.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    let SocketAddr::V4(to) = to else {
-        unreachable!()
-    };
-    let (local, remote) = (sockaddr(source, 0), sockaddr(*to.ip(), to.port()));
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: valid sockaddr_in values and length.
-    let ok = unsafe {
-        libc::bind(stream.as_raw_fd(), std::ptr::from_ref(&local).cast(), len) == 0
-            && (libc::connect(stream.as_raw_fd(), std::ptr::from_ref(&remote).cast(), len) == 0
-                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EINPROGRESS))
-    };
-    reset(stream);
-    ok
+    let started = raw::connect(&socket, to).is_ok();
+    reset(TcpStream::from(socket));
+    started
 }
 
 #[test]
@@ -91,6 +65,9 @@ fn flood_from_many_addresses_keeps_limits_and_service() {
     ])
     .expect("relay starts");
     let addr = relay.addr;
+    let SocketAddr::V4(target) = addr else {
+        panic!("an IPv4 listener")
+    };
     let metrics = relay.metrics.expect("metrics");
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -111,7 +88,7 @@ fn flood_from_many_addresses_keeps_limits_and_service() {
                     }
                     let n = 10 + (i % u64::from(SOURCES)) as u32;
                     let source = Ipv4Addr::new(127, 1, (n >> 8) as u8, n as u8);
-                    connected += u64::from(hit(source, addr));
+                    connected += u64::from(hit(source, target));
                 }
             })
         })
