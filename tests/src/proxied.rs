@@ -2,7 +2,7 @@
 //! sent and echoes the rest, a TLS client, HAProxy, and a metrics scraper.
 
 use std::{
-    io::{self, Read, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -244,6 +244,89 @@ impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// An openssl-made certificate for relay.test, as an operator would bring.
+pub fn operator_certificate(tag: &str) -> (TempFile, TempFile) {
+    let (cert, key) = (
+        TempFile::new(&format!("{tag}-cert.pem"), ""),
+        TempFile::new(&format!("{tag}-key.pem"), ""),
+    );
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=relay.test",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:relay.test",
+            "-keyout",
+            key.path(),
+            "-out",
+            cert.path(),
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(status.success());
+    (cert, key)
+}
+
+/// `openssl s_client` to `addr`, verifying the certificate against `ca`: sends a line
+/// and returns the line that comes back.
+pub fn s_client_echo(addr: SocketAddr, ca: &str, line: &str) -> String {
+    s_client_try(addr, ca, line).unwrap_or_else(|said| panic!("no echo; s_client said:\n{said}"))
+}
+
+/// As [`s_client_echo`]: the echoed line, or what s_client said when it got none.
+pub fn s_client_try(addr: SocketAddr, ca: &str, line: &str) -> Result<String, String> {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-quiet",
+            "-verify_return_error",
+        ])
+        .args([
+            "-CAfile",
+            ca,
+            "-verify_hostname",
+            "relay.test",
+            "-servername",
+            "relay.test",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run openssl s_client");
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut back = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut back);
+        let _ = tx.send(back);
+    });
+    // s_client may already have given up (a failed verification): ignore write errors.
+    let _ = stdin
+        .write_all(line.as_bytes())
+        .and_then(|()| stdin.flush());
+    let back = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    if back.is_empty() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(back)
 }
 
 /// A HAProxy (the Debian package) in the foreground; killed on drop.

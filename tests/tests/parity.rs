@@ -3,17 +3,17 @@
 //! limits, metrics and the configuration commands.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpStream},
-    process::{Command, Stdio},
-    sync::mpsc,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use integration_tests::{
     Expect, Haproxy, HeaderEcho, Relay, TempFile, bpf_required, closed_by_peer, connect_from,
-    echo_round_trip, free_port, metric, payload, relay_binary, run_to_exit, tls_client, wait_until,
+    echo_round_trip, free_port, metric, operator_certificate, payload, relay_binary, run_to_exit,
+    s_client_echo, tls_client, wait_until,
 };
 
 const WITHIN: Duration = Duration::from_secs(10);
@@ -284,85 +284,10 @@ fn haproxy_send_proxy_v2_in_front_is_accepted() {
     assert_eq!(echo.next_header(WITHIN), v1(client, front_addr));
 }
 
-/// An openssl-made certificate for relay.test, as an operator would bring.
-fn operator_certificate() -> (TempFile, TempFile) {
-    let (cert, key) = (TempFile::new("cert.pem", ""), TempFile::new("key.pem", ""));
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=relay.test",
-        ])
-        .args([
-            "-addext",
-            "subjectAltName=DNS:relay.test",
-            "-keyout",
-            key.path(),
-            "-out",
-            cert.path(),
-        ])
-        .stderr(Stdio::null())
-        .status()
-        .expect("run openssl");
-    assert!(status.success());
-    (cert, key)
-}
-
-/// `openssl s_client` to `addr`, verifying the certificate against `ca`: sends a line
-/// and returns the line that comes back.
-fn s_client_echo(addr: SocketAddr, ca: &str, line: &str) -> String {
-    let mut child = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &addr.to_string(),
-            "-quiet",
-            "-verify_return_error",
-        ])
-        .args([
-            "-CAfile",
-            ca,
-            "-verify_hostname",
-            "relay.test",
-            "-servername",
-            "relay.test",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run openssl s_client");
-    let mut stdin = child.stdin.take().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut back = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut back);
-        let _ = tx.send(back);
-    });
-    stdin.write_all(line.as_bytes()).unwrap();
-    stdin.flush().unwrap();
-    let back = rx.recv_timeout(WITHIN).unwrap_or_default();
-    let _ = child.kill();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        !back.is_empty(),
-        "no echo; s_client said:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    back
-}
-
 #[test]
 fn openssl_completes_tls_on_tls_listeners() {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::V1);
-    let (cert, key) = operator_certificate();
+    let (cert, key) = operator_certificate("parity");
     let (relay, _file) = relay_with_config(
         &format!(
             "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[pools.chat]\nservers = [\"{}\"]\n\

@@ -10,7 +10,8 @@ use std::{
 
 use integration_tests::{
     Expect, HeaderEcho, Plane, Relay, TempFile, bpf_required, closed_by_peer, echo_round_trip,
-    free_port, is_root, metric, payload, relay_binary, wait_until,
+    free_port, is_root, metric, operator_certificate, payload, relay_binary, s_client_echo,
+    s_client_try, wait_until,
 };
 
 const WITHIN: Duration = Duration::from_secs(10);
@@ -166,6 +167,45 @@ fn sighup_reloads_listeners_and_limits_while_connections_flow() {
     assert!(line.contains("line 3"), "{line}");
     let mut still = TcpStream::connect(at(added)).unwrap();
     assert_eq!(echo_round_trip(&mut still, b"three"), b"three");
+}
+
+#[test]
+fn sighup_rereads_the_tls_certificate() {
+    // The renewal case: same paths, new certificate; no restart.
+    let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
+    let (old_cert, old_key) = operator_certificate("old");
+    let (new_cert, new_key) = operator_certificate("new");
+    let (cert, key) = (
+        TempFile::new("live-cert.pem", ""),
+        TempFile::new("live-key.pem", ""),
+    );
+    let install = |from_cert: &TempFile, from_key: &TempFile| {
+        std::fs::copy(&from_cert.0, &cert.0).unwrap();
+        std::fs::copy(&from_key.0, &key.0).unwrap();
+    };
+    install(&old_cert, &old_key);
+    let file = TempFile::new(
+        "tls-reload.toml",
+        &format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[pools.p]\nservers = [\"{}\"]\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\ntls = true\npool = \"p\"\n",
+            cert.path(),
+            key.path(),
+            echo.addr
+        ),
+    );
+    let mut relay = start(&["--config", file.path(), "--per-ip-rate", "0"]);
+    assert_eq!(s_client_echo(relay.addr, old_cert.path(), "old\n"), "old\n");
+    install(&new_cert, &new_key);
+    relay.signal(libc::SIGHUP);
+    relay
+        .wait_for_line("reloaded:", WITHIN)
+        .expect("reload logged");
+    assert_eq!(s_client_echo(relay.addr, new_cert.path(), "new\n"), "new\n");
+    assert!(
+        s_client_try(relay.addr, old_cert.path(), "stale\n").is_err(),
+        "the old certificate is still served"
+    );
 }
 
 /// Lines of `bpftool prog show` for the relay's program.
