@@ -1,6 +1,7 @@
-//! `cargo xtask bench`: iperf3 through each data plane and directly, side by side in one
-//! run, with system-wide CPU per GB from /proc/stat. The start of the full harness
-//! (HAProxy, socat, namespaces, latency, connection rate and idle memory are still to come).
+//! `cargo xtask bench`: iperf3 directly, through each ebpf-proxy data plane, and through the
+//! alternatives (HAProxy with and without splice, socat, a tokio copy_bidirectional relay),
+//! side by side in one run, with system-wide CPU per GB from /proc/stat and each relay's
+//! own CPU. Still to come: namespaces, CPU placements, latency, connection rate, idle memory.
 
 use std::{
     fmt::Write as _,
@@ -21,6 +22,9 @@ const RELAY_PORT: u16 = 15200;
 enum Target {
     Direct,
     Relay(&'static str),
+    Haproxy { splice: bool },
+    Socat,
+    Tokio,
 }
 
 impl Target {
@@ -28,6 +32,10 @@ impl Target {
         match self {
             Self::Direct => "direct".into(),
             Self::Relay(plane) => format!("ebpf-proxy {plane}"),
+            Self::Haproxy { splice: true } => "HAProxy splice".into(),
+            Self::Haproxy { splice: false } => "HAProxy".into(),
+            Self::Socat => "socat".into(),
+            Self::Tokio => "tokio copy_bidirectional".into(),
         }
     }
 }
@@ -38,7 +46,8 @@ struct Sample {
     relay_cpu_s_per_gb: f64,
 }
 
-pub fn bench(root: &Path, binary: &Path, quick: bool) -> Result<()> {
+pub fn bench(root: &Path, binary: &Path, tokio_relay: &Path, quick: bool) -> Result<()> {
+    ensure_tools(&["iperf3", "haproxy", "socat"])?;
     let (runs, seconds) = if quick { (3, 2) } else { (5, 8) };
     let mut server = Command::new("iperf3")
         .args(["-s", "-p", &SERVER_PORT.to_string(), "-B", "127.0.0.1"])
@@ -52,7 +61,13 @@ pub fn bench(root: &Path, binary: &Path, quick: bool) -> Result<()> {
         Target::Relay("kernel"),
         Target::Relay("splice"),
         Target::Relay("copy"),
+        Target::Haproxy { splice: true },
+        Target::Haproxy { splice: false },
+        Target::Socat,
+        Target::Tokio,
     ];
+    let scratch = root.join("target/bench");
+    fs::create_dir_all(&scratch)?;
     let mut table = String::new();
     let mut csv =
         String::from("target,direction,run,gbit_per_s,system_cpu_s_per_gb,relay_cpu_s_per_gb\n");
@@ -65,7 +80,7 @@ pub fn bench(root: &Path, binary: &Path, quick: bool) -> Result<()> {
         for (direction, reverse) in [("client->upstream", false), ("upstream->client", true)] {
             let mut samples = Vec::new();
             for run in 0..runs {
-                let sample = measure(binary, target, reverse, seconds)?;
+                let sample = measure(binary, tokio_relay, &scratch, target, reverse, seconds)?;
                 writeln!(
                     csv,
                     "{},{direction},{run},{:.3},{:.3},{:.4}",
@@ -86,7 +101,7 @@ pub fn bench(root: &Path, binary: &Path, quick: bool) -> Result<()> {
             let (relay_cpu, _, _) = stat(|s| s.relay_cpu_s_per_gb);
             let relay_cpu = match target {
                 Target::Direct => "-".to_owned(),
-                Target::Relay(_) => format!("{relay_cpu:.3}"),
+                _ => format!("{relay_cpu:.3}"),
             };
             writeln!(
                 table,
@@ -108,17 +123,25 @@ pub fn bench(root: &Path, binary: &Path, quick: bool) -> Result<()> {
     Ok(())
 }
 
-fn measure(binary: &Path, target: Target, reverse: bool, seconds: u32) -> Result<Sample> {
+fn measure(
+    binary: &Path,
+    tokio_relay: &Path,
+    scratch: &Path,
+    target: Target,
+    reverse: bool,
+    seconds: u32,
+) -> Result<Sample> {
     let mut relay = match target {
         Target::Direct => None,
         Target::Relay(plane) => Some(start_relay(binary, plane)?),
+        other => Some(start_alternative(other, tokio_relay, scratch)?),
     };
     let port = if relay.is_some() {
         RELAY_PORT
     } else {
         SERVER_PORT
     };
-    let relay_ticks_before = relay.as_ref().map_or(0, |r| process_ticks(r.id()));
+    let relay_ticks_before = relay.as_ref().map_or(0, |r| tree_ticks(r.id()));
     let cpu_before = system_busy_ticks()?;
     let started = Instant::now();
     let mut client = Command::new("iperf3");
@@ -137,13 +160,20 @@ fn measure(binary: &Path, target: Target, reverse: bool, seconds: u32) -> Result
     let output = client.output().context("running iperf3")?;
     let wall = started.elapsed();
     let cpu_ticks = system_busy_ticks()? - cpu_before;
-    let relay_ticks = relay
-        .as_ref()
-        .map_or(0, |r| process_ticks(r.id()) - relay_ticks_before);
+    let relay_ticks = relay.as_ref().map_or(0, |r| {
+        // socat serves each connection in a child: let them exit and be counted.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !children(r.id()).is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        tree_ticks(r.id()) - relay_ticks_before
+    });
     if let Some(mut relay) = relay.take() {
+        // SIGINT: ebpf-proxy closes at once (SIGTERM would drain); the others just stop.
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(relay.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(relay.id() as i32, libc::SIGINT) };
         let _ = relay.wait();
+        wait_until_closed(RELAY_PORT);
     }
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).with_context(|| {
         format!(
@@ -193,6 +223,124 @@ fn start_relay(binary: &Path, plane: &str) -> Result<Child> {
     Ok(child)
 }
 
+/// Installs the Debian packages of the commands the bench runs, when one is missing.
+fn ensure_tools(commands: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = commands
+        .iter()
+        .copied()
+        .filter(|c| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {c}")])
+                .output()
+                .map_or(true, |o| !o.status.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("installing {} with apt-get", missing.join(" "));
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("apt-get")?;
+    if !status.success() {
+        bail!(
+            "could not install {}: run apt-get update, or install them yourself",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Starts HAProxy, socat or the tokio relay on RELAY_PORT, forwarding to SERVER_PORT.
+fn start_alternative(target: Target, tokio_relay: &Path, scratch: &Path) -> Result<Child> {
+    let listen = format!("127.0.0.1:{RELAY_PORT}");
+    let upstream = format!("127.0.0.1:{SERVER_PORT}");
+    let mut command = match target {
+        Target::Haproxy { splice } => {
+            // Debian's HAProxy 2.6, tcp mode, one thread per CPU (its default).
+            let config = scratch.join(format!("haproxy-{splice}.cfg"));
+            fs::write(
+                &config,
+                format!(
+                    "global\n  maxconn 1000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1m\n  timeout server 1m\n{}\
+                     frontend f\n  bind {listen}\n  default_backend b\nbackend b\n  server s {upstream}\n",
+                    if splice { "  option splice-auto\n" } else { "" }
+                ),
+            )?;
+            let mut command = Command::new("haproxy");
+            command.arg("-db").arg("-f").arg(config);
+            command
+        }
+        Target::Socat => {
+            let mut command = Command::new("socat");
+            command.args([
+                format!("TCP-LISTEN:{RELAY_PORT},bind=127.0.0.1,reuseaddr,fork"),
+                format!("TCP:{upstream}"),
+            ]);
+            command
+        }
+        Target::Tokio => {
+            let mut command = Command::new(tokio_relay);
+            command.args(["tokio-relay", &listen, &upstream]);
+            command
+        }
+        Target::Direct | Target::Relay(_) => unreachable!("not an alternative"),
+    };
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (apt-get install haproxy socat)", target.name()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !is_listening(RELAY_PORT) {
+        if Instant::now() > deadline {
+            bail!("{} did not listen on {listen}", target.name());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+/// True when a socket listens on 127.0.0.1:`port` (per /proc/net/tcp).
+fn is_listening(port: u16) -> bool {
+    let wanted = format!("0100007F:{port:04X}");
+    fs::read_to_string("/proc/net/tcp").is_ok_and(|table| {
+        table.lines().any(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            fields.len() > 3 && fields[1] == wanted && fields[3] == "0A"
+        })
+    })
+}
+
+/// Waits (up to 5 s) until nothing listens on `port`, so the next target can bind it.
+fn wait_until_closed(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_listening(port) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A plain tokio relay: accept, connect, copy_bidirectional. What a Rust developer gets
+/// for free, as a baseline.
+pub fn tokio_relay(listen: &str, upstream: &str) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        loop {
+            let (mut client, _) = listener.accept().await?;
+            let upstream = upstream.to_owned();
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    })
+}
+
 /// Busy jiffies of all CPUs (everything but idle and iowait), softirq included.
 fn system_busy_ticks() -> Result<u64> {
     let stat = fs::read_to_string("/proc/stat")?;
@@ -211,19 +359,43 @@ fn system_busy_ticks() -> Result<u64> {
         .sum())
 }
 
-fn process_ticks(pid: u32) -> u64 {
+/// Fields of /proc/PID/stat after the command name (state is index 0).
+fn stat_fields(pid: u32) -> Vec<u64> {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
+        return Vec::new();
     };
-    let Some(end) = stat.rfind(')') else { return 0 };
-    let fields: Vec<&str> = stat[end + 2..].split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
+    let Some(end) = stat.rfind(')') else {
+        return Vec::new();
     };
-    field(11) + field(12)
+    stat[end + 2..]
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect()
+}
+
+/// CPU ticks of a process, its reaped children (cutime, cstime) and its live children.
+fn tree_ticks(pid: u32) -> u64 {
+    let own = stat_fields(pid);
+    let field = |fields: &[u64], i: usize| fields.get(i).copied().unwrap_or(0);
+    let live: u64 = children(pid)
+        .into_iter()
+        .map(|child| {
+            let f = stat_fields(child);
+            field(&f, 11) + field(&f, 12)
+        })
+        .sum();
+    field(&own, 11) + field(&own, 12) + field(&own, 13) + field(&own, 14) + live
+}
+
+/// Live child processes of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| stat_fields(p).get(1).copied() == Some(u64::from(pid)))
+        .collect()
 }
 
 fn clock_ticks_per_second() -> f64 {

@@ -56,6 +56,9 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u32,
     },
+    /// A plain tokio copy_bidirectional relay, the bench's baseline.
+    #[command(hide = true)]
+    TokioRelay { listen: String, upstream: String },
     /// Build, then measure iperf3 through each data plane and directly, side by side.
     Bench {
         /// Fewer and shorter runs (a smoke check of the harness).
@@ -68,6 +71,7 @@ fn main() -> Result<()> {
     let root = workspace_root();
     match Cli::parse().command {
         Task::Fuzz { seconds } => fuzz::fuzz(&root, seconds),
+        Task::TokioRelay { listen, upstream } => bench::tokio_relay(&listen, &upstream),
         Task::Soak {
             connections,
             minutes,
@@ -117,7 +121,13 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&root, &args),
         Task::Bench { quick } => {
             let binary = build(&root)?;
-            bench::bench(&root, &binary, quick)
+            // The tokio baseline runs optimised, like everything else it is compared with.
+            let object = toolchain::ebpf_object(&root);
+            run(host_cargo(&object)
+                .args(["build", "--release", "--package", "xtask"])
+                .current_dir(&root))?;
+            let tokio_relay = root.join("target/release/xtask");
+            bench::bench(&root, &binary, &tokio_relay, quick)
         }
     }
 }
