@@ -148,28 +148,23 @@ fn preset_port_table_end_to_end() {
         );
     }
     let tls_data = &data[..64 * 1024];
-    {
-        let stream = TcpStream::connect(at(443)).expect("connect");
-        let client = stream.local_addr().unwrap();
+    // TLS from the first byte (443), or after a PROXY header (8443); close_notify to end.
+    let tls_echo_and_finish = |stream: TcpStream| {
         let mut tls = tls_client(stream);
         assert_eq!(echo_round_trip(&mut tls, tls_data), tls_data);
         tls.conn.send_close_notify();
         tls.flush().unwrap();
         let mut rest = Vec::new();
         let _ = tls.read_to_end(&mut rest);
-        assert_eq!(chat.next_header(WITHIN), v1(client, at(443)));
-    }
-    {
-        let mut stream = TcpStream::connect(at(8443)).expect("connect");
-        stream.write_all(&v2(claimed.0, claimed.1)).unwrap();
-        let mut tls = tls_client(stream);
-        assert_eq!(echo_round_trip(&mut tls, tls_data), tls_data);
-        tls.conn.send_close_notify();
-        tls.flush().unwrap();
-        let mut rest = Vec::new();
-        let _ = tls.read_to_end(&mut rest);
-        assert_eq!(chat.next_header(WITHIN), v1(claimed.0, claimed.1));
-    }
+    };
+    let stream = TcpStream::connect(at(443)).expect("connect");
+    let client = stream.local_addr().unwrap();
+    tls_echo_and_finish(stream);
+    assert_eq!(chat.next_header(WITHIN), v1(client, at(443)));
+    let mut stream = TcpStream::connect(at(8443)).expect("connect");
+    stream.write_all(&v2(claimed.0, claimed.1)).unwrap();
+    tls_echo_and_finish(stream);
+    assert_eq!(chat.next_header(WITHIN), v1(claimed.0, claimed.1));
 
     // Every listener counted exactly the payload, each way, once its connection closed.
     assert!(wait_until(WITHIN, || relay
