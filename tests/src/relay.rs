@@ -106,15 +106,7 @@ impl Relay {
 
     /// As [`Relay::spawn_via`], with RUST_LOG set to `log`.
     pub fn spawn_logging(wrapper: &[&str], args: &[&str], log: &str) -> Result<Self, String> {
-        let mut command = match wrapper.split_first() {
-            Some((program, rest)) => {
-                let mut command = Command::new(program);
-                command.args(rest).arg(relay_binary());
-                command
-            }
-            None => Command::new(relay_binary()),
-        };
-        let mut child = command
+        let mut child = command_via(wrapper)
             .args(args)
             .env("RUST_LOG", log)
             .stdin(Stdio::null())
@@ -305,7 +297,12 @@ fn strip_ansi(line: &str) -> String {
 
 /// Runs the binary to completion (for bad-input tests): exit status and stderr.
 pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
-    let output = Command::new(relay_binary())
+    run_to_exit_via(&[], args)
+}
+
+/// As [`run_to_exit`], through a wrapper command (e.g. `setpriv ...`).
+pub fn run_to_exit_via(wrapper: &[&str], args: &[&str]) -> (ExitStatus, String) {
+    let output = command_via(wrapper)
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -314,4 +311,27 @@ pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
         output.status,
         strip_ansi(&String::from_utf8_lossy(&output.stderr)),
     )
+}
+
+/// The relay binary, run through `wrapper` (e.g. `setpriv ...`) when one is given.
+fn command_via(wrapper: &[&str]) -> Command {
+    match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut command = Command::new(program);
+            command.args(rest).arg(relay_binary());
+            command
+        }
+        None => Command::new(relay_binary()),
+    }
+}
+
+/// The single `error...` line of `stderr`; panics unless there is exactly one.
+pub fn one_error_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one error line expected in:\n{stderr}"
+    );
+    lines[0]
 }

@@ -2,30 +2,20 @@
 
 use std::net::TcpListener;
 
-use integration_tests::{Relay, is_root, run_to_exit};
-
-fn one_line_error(stderr: &str) -> &str {
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "exactly one error line expected in:\n{stderr}"
-    );
-    lines[0]
-}
+use integration_tests::{Relay, is_root, one_error_line, run_to_exit, run_to_exit_via};
 
 #[test]
 fn malformed_forward_is_a_usage_error() {
     let (status, stderr) = run_to_exit(&["--forward", "127.0.0.1:80"]);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(
-        one_line_error(&stderr).contains("expected LISTEN=UPSTREAM"),
+        one_error_line(&stderr).contains("expected LISTEN=UPSTREAM"),
         "{stderr}"
     );
     let (status, stderr) = run_to_exit(&["--forward", "127.0.0.1:80=nohostport"]);
     assert_eq!(status.code(), Some(2));
     assert!(
-        one_line_error(&stderr).contains("is not HOST:PORT"),
+        one_error_line(&stderr).contains("is not HOST:PORT"),
         "{stderr}"
     );
 }
@@ -36,7 +26,7 @@ fn port_in_use_says_so() {
     let forward = format!("{}=127.0.0.1:9", taken.local_addr().expect("addr"));
     let (status, stderr) = run_to_exit(&["--forward", &forward, "--dataplane", "copy"]);
     assert_eq!(status.code(), Some(1), "{stderr}");
-    let line = one_line_error(&stderr);
+    let line = one_error_line(&stderr);
     assert!(
         line.contains("cannot listen on") && line.contains("another process holds this port"),
         "{line}"
@@ -52,7 +42,7 @@ fn unresolvable_upstream_says_so() {
     let (status, stderr) = run_to_exit(&["--forward", &forward, "--dataplane", "copy"]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
-        one_line_error(&stderr).contains("does not resolve"),
+        one_error_line(&stderr).contains("does not resolve"),
         "{stderr}"
     );
 }
@@ -71,20 +61,17 @@ fn without_privileges_auto_falls_back_and_kernel_says_why() {
         eprintln!("SKIPPED: dropping privileges with setpriv needs root");
         return;
     }
-    let output = std::process::Command::new(UNPRIVILEGED[0])
-        .args(&UNPRIVILEGED[1..])
-        .arg(integration_tests::relay_binary())
-        .args([
+    let (status, stderr) = run_to_exit_via(
+        UNPRIVILEGED,
+        &[
             "--forward",
             "127.0.0.1:0=127.0.0.1:9",
             "--dataplane",
             "kernel",
-        ])
-        .output()
-        .expect("setpriv (util-linux)");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    let line = one_line_error(&stderr);
+        ],
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let line = one_error_line(&stderr);
     assert!(
         line.contains("not allowed to load eBPF programs") && line.contains("CAP_BPF"),
         "{line}"

@@ -10,8 +10,8 @@ use std::{
 
 use integration_tests::{
     Expect, HeaderEcho, Plane, Relay, TempFile, bpf_required, closed_by_peer, echo_round_trip,
-    free_port, is_root, metric, operator_certificate, payload, relay_binary, s_client_echo,
-    s_client_try, wait_until,
+    free_port, is_root, metric, one_error_line, operator_certificate, payload, relay_binary,
+    run_to_exit_via, s_client_echo, s_client_try, wait_until,
 };
 
 const WITHIN: Duration = Duration::from_secs(10);
@@ -482,22 +482,19 @@ fn kernel_mode_runs_unprivileged_with_four_capabilities() {
 
     // Without CAP_PERFMON the refusal names it, in one line.
     let wrapper = as_nobody_with("bpf,net_admin,net_bind_service");
-    let output = Command::new(&wrapper[0])
-        .args(&wrapper[1..])
-        .arg(relay_binary())
-        .args([
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let (status, stderr) = run_to_exit_via(
+        &wrapper,
+        &[
             "--forward",
             "127.0.0.1:0=127.0.0.1:9",
             "--dataplane",
             "kernel",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
-    assert!(errors[0].contains("missing CAP_PERFMON"), "{}", errors[0]);
+        ],
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let line = one_error_line(&stderr);
+    assert!(line.contains("missing CAP_PERFMON"), "{line}");
 }
 
 #[test]

@@ -23,7 +23,7 @@ use tracing::{debug, info};
 
 use crate::{
     accept::{ACCEPT_BACKOFF, AcceptErrors},
-    config::{ListenerConfig, Timeouts},
+    config::{HeaderVersion, ListenerConfig, Timeouts},
     dataplane::{DataPlane, Supervision, relay_streams},
     limits::ClientLimits,
     metrics::{ListenerMetrics, Refusal},
@@ -165,15 +165,11 @@ impl Connection {
         let config = &self.listener.config;
         let timeouts = &self.shared.timeouts;
         let handshake_deadline = Instant::now() + timeouts.handshake;
-        let local = client.local_addr().unwrap_or(config.listen);
-        let mut endpoints = Endpoints {
-            source: self.peer,
-            destination: local,
-        };
+        // What the client's PROXY header says; None: the socket's own addresses apply.
+        let mut endpoints = None;
         if config.accept_proxy {
             match timeout_at(handshake_deadline, proxy_protocol::read_header(&mut client)).await {
-                Ok(Ok(Some(header))) => endpoints = header,
-                Ok(Ok(None)) => {}
+                Ok(Ok(header)) => endpoints = header,
                 Ok(Err(e)) => return self.refuse(Refusal::ProxyHeader, &e),
                 Err(_) => {
                     return self.refuse(Refusal::ProxyHeader, &"no complete header in time");
@@ -195,7 +191,7 @@ impl Connection {
         log_end(relay_streams(client, upstream, sockets, &self.supervision()).await);
     }
 
-    async fn relay_plain(&self, client: TcpStream, endpoints: Endpoints) {
+    async fn relay_plain(&self, client: TcpStream, endpoints: Option<Endpoints>) {
         let Some(upstream) = self.open_upstream(&client, endpoints).await else {
             return;
         };
@@ -229,7 +225,11 @@ impl Connection {
 
     /// Connects to the pool and writes the configured PROXY header; on failure the client
     /// is reset and None returned.
-    async fn open_upstream(&self, client: &TcpStream, endpoints: Endpoints) -> Option<TcpStream> {
+    async fn open_upstream(
+        &self,
+        client: &TcpStream,
+        endpoints: Option<Endpoints>,
+    ) -> Option<TcpStream> {
         let limit = self.shared.timeouts.connect;
         let deadline = Instant::now() + limit;
         let mut upstream = loop {
@@ -247,11 +247,19 @@ impl Connection {
             }
         };
         let _ = upstream.set_nodelay(true);
-        let header = proxy_protocol::encode(
-            self.listener.config.send_proxy,
-            endpoints.source,
-            endpoints.destination,
-        );
+        let send_proxy = self.listener.config.send_proxy;
+        // getsockname only when a header is sent and the client did not name the addresses.
+        let endpoints = match (send_proxy, endpoints) {
+            (HeaderVersion::None, _) => None,
+            (_, Some(endpoints)) => Some(endpoints),
+            (_, None) => Some(Endpoints {
+                source: self.peer,
+                destination: client.local_addr().unwrap_or(self.listener.config.listen),
+            }),
+        };
+        let header = endpoints
+            .map(|e| proxy_protocol::encode(send_proxy, e.source, e.destination))
+            .unwrap_or_default();
         if !header.is_empty()
             && let Err(e) = upstream.write_all(&header).await
         {
