@@ -14,16 +14,12 @@ pub const CONTROLS_MAP: &str = "RELAY_CONTROLS";
 /// Ring buffer of cookies (u64) whose flow needs userspace: throttled or detached.
 pub const EVENTS_MAP: &str = "RELAY_EVENTS";
 
-/// Read-only globals set at load time: offsets inside `struct tcp_sock`, read from the
-/// running kernel's BTF, so the program can see how much of a peer's queue is still unsent.
-pub const GLOBAL_WRITE_SEQ_OFFSET: &str = "TCP_WRITE_SEQ_OFFSET";
-pub const GLOBAL_SND_UNA_OFFSET: &str = "TCP_SND_UNA_OFFSET";
-pub const GLOBAL_BYTES_ACKED_OFFSET: &str = "TCP_BYTES_ACKED_OFFSET";
-/// Most bytes one flow may have redirected but not yet in the peer's TCP write queue.
+/// Read-only global set at load time: the bound on a flow's backlog (bytes redirected, not
+/// yet in the peer's TCP write queue) at which the program asks userspace to measure it.
 pub const GLOBAL_BACKLOG_LIMIT: &str = "FLOW_BACKLOG_LIMIT";
 
-/// Default for [`GLOBAL_BACKLOG_LIMIT`]: beyond this userspace shrinks the sending socket's
-/// receive buffer until the backlog halves (the kernel never pushes back on redirects).
+/// Default for [`GLOBAL_BACKLOG_LIMIT`]: what one flow's backlog stays under normally (the
+/// kernel never pushes back on redirects; userspace throttles the sender at half of it).
 pub const DEFAULT_BACKLOG_LIMIT: u64 = 4 << 20;
 
 /// Capacity of the socket and flow maps: two entries per relayed connection.
@@ -44,9 +40,10 @@ pub struct FlowState {
     /// Non-zero once a redirect failed (peer not in the map): from then on every byte is
     /// kept for userspace, so order holds without any handover.
     pub detached: u32,
-    /// How many times the peer's backlog crossed the limit. While this differs from
-    /// [`FlowControl::throttle_releases`], userspace holds the sender back.
-    pub throttles: u32,
+    /// How many times the program asked userspace to measure the peer's backlog (when its
+    /// bound reached [`GLOBAL_BACKLOG_LIMIT`]). While this differs from
+    /// [`FlowControl::checks_done`], a check is pending and the program asks for no other.
+    pub checks_requested: u32,
 }
 
 /// What userspace tells the program about one flow. Written only by userspace.
@@ -55,12 +52,11 @@ pub struct FlowState {
 pub struct FlowControl {
     /// Cookie of the socket this flow's bytes go to (the key in [`SOCKETS_MAP`]).
     pub peer_cookie: u64,
-    /// The peer's queued total (bytes acked + SIOCOUTQ) when it joined the map, plus every
-    /// byte userspace wrote into it since. Redirected bytes not yet counted by the peer's
-    /// TCP stack are `this + redirected_bytes - (acked + outq)`.
-    pub peer_userspace_bytes: u64,
-    /// The [`FlowState::throttles`] value userspace last released.
-    pub throttle_releases: u32,
+    /// [`FlowState::redirected_bytes`] at userspace's last measurement of the peer's
+    /// backlog, minus that backlog: `redirected_bytes - checkpoint_bytes` bounds the backlog.
+    pub checkpoint_bytes: u64,
+    /// The [`FlowState::checks_requested`] value userspace last answered.
+    pub checks_done: u32,
     pub _padding: u32,
 }
 

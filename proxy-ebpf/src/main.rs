@@ -1,9 +1,12 @@
 //! The kernel data plane: an `sk_skb/stream_verdict` program that sends every byte arriving
 //! on a relayed socket out of its peer socket. The kernel never pushes back on redirected
-//! bytes, so the program watches the peer's backlog (redirected, not yet in its TCP write
-//! queue) and tells userspace when it crosses a limit; userspace then shrinks the sending
-//! socket's receive buffer, which closes the sender's TCP window, until the backlog drains.
-//! If the peer is not in the map, or the backlog passes a hard cap because userspace was
+//! bytes, so userspace measures the peer's backlog (redirected, not yet in its TCP write
+//! queue) with syscalls and leaves a checkpoint; the program counts from it a bound on the
+//! backlog (the backlog measured plus everything redirected since) and asks for a new check
+//! when that bound reaches `FLOW_BACKLOG_LIMIT`. When the backlog is large, userspace shrinks
+//! the sending socket's receive buffer, which closes the sender's TCP window, until it
+//! drains. The program reads no socket internals, so it needs only CAP_BPF and CAP_NET_ADMIN.
+//! If the peer is not in the map, or the bound passes a hard cap because userspace was
 //! too slow, the flow *detaches*: every byte from then on stays on the receiving socket
 //! (SK_PASS), where TCP's own accounting bounds it, for userspace to move.
 #![no_std]
@@ -13,10 +16,7 @@ use core::ptr;
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_map_lookup_elem, bpf_sk_release,
-        bpf_skc_to_tcp_sock,
-    },
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
     macros::{map, stream_verdict},
     maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
@@ -38,18 +38,11 @@ static RELAY_CONTROLS: HashMap<u64, FlowControl> =
 #[map]
 static RELAY_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
-// Set by userspace at load time from the running kernel's BTF; read-only to the verifier,
-// which therefore sees them as constants and checks each field access against BTF.
-#[unsafe(no_mangle)]
-static TCP_WRITE_SEQ_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static TCP_SND_UNA_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static TCP_BYTES_ACKED_OFFSET: u32 = 0;
+// Set by userspace at load time; read-only to the verifier, which sees it as a constant.
 #[unsafe(no_mangle)]
 static FLOW_BACKLOG_LIMIT: u64 = DEFAULT_BACKLOG_LIMIT;
 
-/// Past this many times the limit the flow detaches rather than grow the backlog further.
+/// Past this many times the limit the flow detaches rather than let the backlog grow further.
 const HARD_LIMIT_FACTOR: u64 = 16;
 
 #[stream_verdict]
@@ -81,25 +74,26 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
         flow.passed_bytes += len;
         return Ok(SK_PASS);
     }
-    let Some(backlog) = peer_backlog(control, flow) else {
-        return Ok(detach(cookie, flow, len));
-    };
     // SAFETY: a read-only global.
     let limit = unsafe { ptr::read_volatile(&FLOW_BACKLOG_LIMIT) };
-    if backlog >= limit.saturating_mul(HARD_LIMIT_FACTOR) {
-        // Userspace has not held the sender back in time. Keeping the bytes here charges
-        // them to this socket's receive buffer, so TCP itself closes the window: a bound
-        // that does not depend on userspace. The flow stays in userspace from then on.
+    // Never below the peer's actual backlog: draining only makes it smaller.
+    let backlog_bound = flow
+        .redirected_bytes
+        .saturating_sub(control.checkpoint_bytes);
+    if backlog_bound >= limit.wrapping_mul(HARD_LIMIT_FACTOR) {
+        // Userspace has not checked in time. Keeping the bytes here charges them to this
+        // socket's receive buffer, so TCP itself closes the window: a bound that does not
+        // depend on userspace. The flow stays in userspace from then on.
         return Ok(detach(cookie, flow, len));
     }
-    if backlog >= limit && flow.throttles == control.throttle_releases {
-        // Once per crossing: userspace acknowledges by releasing this throttle.
-        flow.throttles = flow.throttles.wrapping_add(1);
+    if backlog_bound >= limit && flow.checks_requested == control.checks_done {
+        // Once per request: userspace answers by publishing a new checkpoint.
+        flow.checks_requested = flow.checks_requested.wrapping_add(1);
         notify(cookie);
     }
     let verdict = RELAY_SOCKETS.redirect_skb(ctx, control.peer_cookie, 0) as u32;
     if verdict == SK_DROP {
-        // The peer left the map between the lookup and the redirect.
+        // The peer is not (or no longer) in the map.
         return Ok(detach(cookie, flow, len));
     }
     flow.redirected_bytes += len;
@@ -117,50 +111,6 @@ fn detach(cookie: u64, flow: &mut FlowState, len: u64) -> u32 {
 fn notify(cookie: u64) {
     // A full ring only delays userspace: connections also re-read their flows on a timer.
     let _ = RELAY_EVENTS.output::<u64>(&cookie, 0);
-}
-
-/// Bytes redirected towards the peer that its TCP stack has not queued yet (they wait in
-/// the peer's redirect backlog, which the kernel does not bound). `None` if the peer is not
-/// in the map.
-fn peer_backlog(control: &FlowControl, flow: &FlowState) -> Option<u64> {
-    let peer_cookie = control.peer_cookie;
-    // SAFETY: a lookup in a SOCKHASH returns a referenced socket or null; released below.
-    let sk = unsafe {
-        bpf_map_lookup_elem(
-            ptr::from_ref(&RELAY_SOCKETS).cast_mut().cast(),
-            ptr::from_ref(&peer_cookie).cast(),
-        )
-    };
-    if sk.is_null() {
-        return None;
-    }
-    // SAFETY: sk is a valid socket reference; the cast checks it is TCP.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>();
-    let queued = if tp.is_null() {
-        None
-    } else {
-        // SAFETY: offsets come from this kernel's BTF; the verifier checks each access.
-        unsafe {
-            let write_seq = read_field::<u32>(tp, &TCP_WRITE_SEQ_OFFSET);
-            let snd_una = read_field::<u32>(tp, &TCP_SND_UNA_OFFSET);
-            let acked = read_field::<u64>(tp, &TCP_BYTES_ACKED_OFFSET);
-            Some(acked + u64::from(write_seq.wrapping_sub(snd_una)))
-        }
-    };
-    // SAFETY: releases the reference taken by the lookup.
-    unsafe { bpf_sk_release(sk) };
-    let expected = control.peer_userspace_bytes + flow.redirected_bytes;
-    Some(expected.saturating_sub(queued?))
-}
-
-/// # Safety
-/// `base` must point to a `struct tcp_sock` and `*offset` be the offset of a `T` field.
-unsafe fn read_field<T>(base: *const u8, offset: &u32) -> T {
-    // SAFETY: per the function contract.
-    unsafe {
-        let offset = ptr::read_volatile(offset) as usize;
-        ptr::read_volatile(base.add(offset).cast::<T>())
-    }
 }
 
 #[cfg(not(test))]

@@ -450,7 +450,7 @@ fn as_nobody_with(caps: &str) -> Vec<String> {
 }
 
 #[test]
-fn kernel_mode_runs_unprivileged_with_four_capabilities() {
+fn kernel_mode_runs_unprivileged_with_three_capabilities() {
     if !is_root() || !bpf_required() {
         eprintln!("SKIPPED: needs root to drop to nobody, and the kernel data plane");
         return;
@@ -461,7 +461,7 @@ fn kernel_mode_runs_unprivileged_with_four_capabilities() {
         .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
         .expect("a free port below 1024");
     let forward = format!("127.0.0.1:{low}={}", echo.addr);
-    let wrapper = as_nobody_with("bpf,net_admin,perfmon,net_bind_service");
+    let wrapper = as_nobody_with("bpf,net_admin,net_bind_service");
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let mut relay = Relay::spawn_via(&wrapper, &["--forward", &forward, "--dataplane", "kernel"])
         .unwrap_or_else(|log| panic!("kernel mode as nobody:\n{log}"));
@@ -480,8 +480,8 @@ fn kernel_mode_runs_unprivileged_with_four_capabilities() {
         "relayed by the kernel"
     );
 
-    // Without CAP_PERFMON the refusal names it, in one line.
-    let wrapper = as_nobody_with("bpf,net_admin,net_bind_service");
+    // Without CAP_NET_ADMIN the refusal names it, in one line.
+    let wrapper = as_nobody_with("bpf,net_bind_service");
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let (status, stderr) = run_to_exit_via(
         &wrapper,
@@ -494,7 +494,7 @@ fn kernel_mode_runs_unprivileged_with_four_capabilities() {
     );
     assert_eq!(status.code(), Some(1), "{stderr}");
     let line = one_error_line(&stderr);
-    assert!(line.contains("missing CAP_PERFMON"), "{line}");
+    assert!(line.contains("missing CAP_NET_ADMIN"), "{line}");
 }
 
 #[test]

@@ -168,12 +168,8 @@ fn measure(
         }
         tree_ticks(r.id()) - relay_ticks_before
     });
-    if let Some(mut relay) = relay.take() {
-        // SIGINT: ebpf-proxy closes at once (SIGTERM would drain); the others just stop.
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(relay.id() as i32, libc::SIGINT) };
-        let _ = relay.wait();
-        wait_until_closed(RELAY_PORT);
+    if let Some(relay) = relay.take() {
+        stop(relay, target);
     }
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).with_context(|| {
         format!(
@@ -302,6 +298,25 @@ fn start_alternative(target: Target, tokio_relay: &Path, scratch: &Path) -> Resu
         thread::sleep(Duration::from_millis(20));
     }
     Ok(child)
+}
+
+/// Stops a relay and waits until its port is free. ebpf-proxy closes at once on SIGINT
+/// (SIGTERM would drain); the others stop on SIGTERM, and a shell that started this bench in
+/// the background makes them ignore SIGINT. SIGKILL after 5 s, whatever happens.
+fn stop(mut relay: Child, target: Target) {
+    let signal = match target {
+        Target::Relay(_) => libc::SIGINT,
+        _ => libc::SIGTERM,
+    };
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(relay.id() as i32, signal) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while matches!(relay.try_wait(), Ok(None)) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _ = relay.kill();
+    let _ = relay.wait();
+    wait_until_closed(RELAY_PORT);
 }
 
 /// True when a socket listens on 127.0.0.1:`port` (per /proc/net/tcp).

@@ -1,7 +1,6 @@
 //! The kernel data plane: loads the verdict program, owns its maps, and relays each
 //! connection by putting both sockets into the sockhash (see `relay.rs` for the lifecycle).
 
-mod btf;
 mod relay;
 mod watcher;
 
@@ -17,13 +16,11 @@ use aya::{
 };
 use proxy_common::{
     CONTROLS_MAP, DEFAULT_BACKLOG_LIMIT, EVENTS_MAP, FLOWS_MAP, FlowControl, FlowState,
-    GLOBAL_BACKLOG_LIMIT, GLOBAL_BYTES_ACKED_OFFSET, GLOBAL_SND_UNA_OFFSET,
-    GLOBAL_WRITE_SEQ_OFFSET, SOCKETS_MAP, VERDICT_PROGRAM,
+    GLOBAL_BACKLOG_LIMIT, SOCKETS_MAP, VERDICT_PROGRAM,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
-pub use btf::{Btf, BtfError};
 pub use relay::{Declined, KernelRelayError};
 use watcher::SocketWatcher;
 
@@ -47,11 +44,9 @@ pub enum KernelLoadError {
     )]
     NoObject,
     #[error(
-        "not allowed to load eBPF programs ({0}): run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+        "not allowed to load eBPF programs ({0}): run as root, or grant CAP_BPF and CAP_NET_ADMIN"
     )]
     NotPermitted(String),
-    #[error("cannot find tcp_sock field offsets in the kernel's BTF: {0}")]
-    Btf(BtfError),
     #[error("loading the eBPF object failed: {0}")]
     Object(String),
     #[error("the kernel rejected the {VERDICT_PROGRAM} program: {0}")]
@@ -103,7 +98,8 @@ struct FlowMaps {
 
 pub struct KernelDataPlane {
     maps: Mutex<FlowMaps>,
-    /// The program's FLOW_BACKLOG_LIMIT: a throttled flow is released at half of it.
+    /// The program's FLOW_BACKLOG_LIMIT: the backlog bound that makes it ask for a check;
+    /// half of it throttles the sender, a quarter releases it.
     backlog_limit: u64,
     /// Connections the map would not take, relayed in userspace instead.
     fallbacks: AtomicU64,
@@ -121,20 +117,9 @@ impl KernelDataPlane {
     pub fn load(max_sockets: u32) -> Result<Arc<Self>, KernelLoadError> {
         let object = OBJECT.ok_or(KernelLoadError::NoObject)?;
         check_capabilities()?;
-        let offset = |btf: &Btf, field| {
-            btf.member_offset("tcp_sock", field)
-                .map_err(KernelLoadError::Btf)
-        };
-        let btf = Btf::from_kernel().map_err(KernelLoadError::Btf)?;
-        let write_seq = offset(&btf, "write_seq")?;
-        let snd_una = offset(&btf, "snd_una")?;
-        let bytes_acked = offset(&btf, "bytes_acked")?;
         let backlog_limit = DEFAULT_BACKLOG_LIMIT;
 
         let mut ebpf = EbpfLoader::new()
-            .override_global(GLOBAL_WRITE_SEQ_OFFSET, &write_seq, true)
-            .override_global(GLOBAL_SND_UNA_OFFSET, &snd_una, true)
-            .override_global(GLOBAL_BYTES_ACKED_OFFSET, &bytes_acked, true)
             .override_global(GLOBAL_BACKLOG_LIMIT, &backlog_limit, true)
             .map_max_entries(SOCKETS_MAP, max_sockets)
             .map_max_entries(FLOWS_MAP, max_sockets)
@@ -198,14 +183,13 @@ impl KernelDataPlane {
     }
 }
 
-/// Names the missing capabilities up front: without CAP_PERFMON the verifier would only
-/// reject bpf_skc_to_tcp_sock with a page of log. CAP_SYS_ADMIN covers BPF and PERFMON.
+/// Names the missing capabilities up front, rather than leave the operator one EPERM from
+/// whichever call fails first. CAP_SYS_ADMIN covers CAP_BPF.
 fn check_capabilities() -> Result<(), KernelLoadError> {
     let admin = crate::sys::has_capability(crate::sys::CAP_SYS_ADMIN);
     let missing: Vec<&str> = [
         ("CAP_BPF", crate::sys::CAP_BPF, admin),
         ("CAP_NET_ADMIN", crate::sys::CAP_NET_ADMIN, false),
-        ("CAP_PERFMON", crate::sys::CAP_PERFMON, admin),
     ]
     .into_iter()
     .filter(|(_, cap, covered)| !covered && !crate::sys::has_capability(*cap))
