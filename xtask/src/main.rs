@@ -59,11 +59,24 @@ enum Task {
     /// A plain tokio copy_bidirectional relay, the bench's baseline.
     #[command(hide = true)]
     TokioRelay { listen: String, upstream: String },
-    /// Build, then measure iperf3 through each data plane and directly, side by side.
+    /// The bench's echo server.
+    #[command(hide = true)]
+    BenchEcho { listen: String },
+    /// The bench's latency, connection-rate and idle-connection clients.
+    #[command(hide = true, subcommand)]
+    BenchProbe(bench::Probe),
+    /// Build, then measure throughput, CPU, latency, connection rate and idle memory
+    /// directly, through each data plane and through HAProxy, socat and tokio, side by side.
     Bench {
-        /// Fewer and shorter runs (a smoke check of the harness).
+        /// One short run of everything (a smoke check of the harness, not figures to quote).
         #[arg(long)]
         quick: bool,
+        /// Runs per measurement (default 5; 1 with --quick).
+        #[arg(long)]
+        runs: Option<u32>,
+        /// Seconds per iperf3 run (default 3; 1 with --quick).
+        #[arg(long)]
+        seconds: Option<u32>,
     },
 }
 
@@ -72,6 +85,8 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Fuzz { seconds } => fuzz::fuzz(&root, seconds),
         Task::TokioRelay { listen, upstream } => bench::tokio_relay(&listen, &upstream),
+        Task::BenchEcho { listen } => bench::echo_server(&listen),
+        Task::BenchProbe(probe) => bench::probe(probe),
         Task::Soak {
             connections,
             minutes,
@@ -119,15 +134,25 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Test { args } => test(&root, &args),
-        Task::Bench { quick } => {
+        Task::Bench {
+            quick,
+            runs,
+            seconds,
+        } => {
             let binary = build(&root)?;
             // The tokio baseline runs optimised, like everything else it is compared with.
             let object = toolchain::ebpf_object(&root);
             run(host_cargo(&object)
                 .args(["build", "--release", "--package", "xtask"])
                 .current_dir(&root))?;
-            let tokio_relay = root.join("target/release/xtask");
-            bench::bench(&root, &binary, &tokio_relay, quick)
+            // Its hidden subcommands are the bench's tokio relay, echo server and probes.
+            let helper = root.join("target/release/xtask");
+            bench::bench(
+                &root,
+                &binary,
+                &helper,
+                &bench::Plan::new(quick, runs, seconds),
+            )
         }
     }
 }

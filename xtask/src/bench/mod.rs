@@ -1,0 +1,408 @@
+//! `cargo xtask bench`: the same workloads directly, through each ebpf-proxy data plane and
+//! through the alternatives (HAProxy with and without splice, socat, a tokio
+//! copy_bidirectional relay), side by side in one run: over loopback and across three network
+//! namespaces, with the endpoints on different CPUs and all on one CPU. Workloads: iperf3
+//! throughput (1 and 8 streams, each direction) with CPU per GB, request/response latency,
+//! connection rate, and the memory of 10,000 idle connections. Writes a Markdown report, one
+//! CSV per workload and a PNG chart to target/bench.
+
+mod probe;
+mod report;
+mod scene;
+mod targets;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub use probe::{Probe, echo_server, probe};
+use scene::{Placement, Role, Scene, Topology};
+pub use targets::tokio_relay;
+use targets::{ECHO_PORT, IPERF_PORT, Running, Servers, Target};
+
+/// How much of everything to measure.
+pub struct Plan {
+    pub runs: u32,
+    pub seconds: u32,
+    pub latency_round_trips: usize,
+    pub rate_seconds: f64,
+    pub rate_workers: usize,
+    pub idle_connections: usize,
+}
+
+impl Plan {
+    pub fn new(quick: bool, runs: Option<u32>, seconds: Option<u32>) -> Self {
+        let base = if quick {
+            Self {
+                runs: 1,
+                seconds: 1,
+                latency_round_trips: 1_000,
+                rate_seconds: 0.5,
+                rate_workers: 4,
+                idle_connections: 1_000,
+            }
+        } else {
+            Self {
+                runs: 5,
+                seconds: 3,
+                latency_round_trips: 10_000,
+                rate_seconds: 2.0,
+                rate_workers: 4,
+                idle_connections: 10_000,
+            }
+        };
+        Self {
+            runs: runs.unwrap_or(base.runs).max(1),
+            seconds: seconds.unwrap_or(base.seconds).max(1),
+            ..base
+        }
+    }
+}
+
+/// One iperf3 run.
+#[derive(Clone, Copy)]
+pub struct Transfer {
+    pub gbit_per_s: f64,
+    pub system_cpu_s_per_gb: f64,
+    pub relay_cpu_s_per_gb: f64,
+}
+
+pub struct ThroughputRow {
+    pub scene: Scene,
+    pub target: Target,
+    pub streams: u32,
+    pub reverse: bool,
+    pub runs: Vec<Transfer>,
+}
+
+pub struct LatencyRow {
+    pub scene: Scene,
+    pub target: Target,
+    pub size: usize,
+    /// p50, p99, p99.9 in microseconds, per run.
+    pub runs: Vec<[f64; 3]>,
+}
+
+pub struct RateRow {
+    pub scene: Scene,
+    pub target: Target,
+    /// Connections per second and failed connections, per run.
+    pub runs: Vec<(f64, u64)>,
+}
+
+pub struct IdleRow {
+    pub topology: Topology,
+    pub target: Target,
+    /// The measurement, or why there is none.
+    pub measured: Result<IdleMemory, String>,
+}
+
+pub struct IdleMemory {
+    pub connections: usize,
+    /// The relay's RSS with the connections open, and before they were.
+    pub relay_rss_mib: Option<(f64, f64)>,
+    pub slab_growth_mib: f64,
+}
+
+#[derive(Default)]
+pub struct Results {
+    pub throughput: Vec<ThroughputRow>,
+    pub latency: Vec<LatencyRow>,
+    pub rate: Vec<RateRow>,
+    pub idle: Vec<IdleRow>,
+}
+
+pub fn bench(root: &Path, binary: &Path, helper: &Path, plan: &Plan) -> Result<()> {
+    ensure_tools(&[
+        ("iperf3", "iperf3"),
+        ("haproxy", "haproxy"),
+        ("socat", "socat"),
+        ("gnuplot", "gnuplot-nox"),
+        ("taskset", "util-linux"),
+        ("ip", "iproute2"),
+    ])?;
+    if thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        bail!("the bench places endpoints on two CPUs; this machine has one");
+    }
+    // Children inherit it: relays and probes hold thousands of sockets in the idle run.
+    probe::raise_fd_limit()?;
+    let scratch = root.join("target/bench");
+    std::fs::create_dir_all(&scratch)?;
+    let started = Instant::now();
+    let mut results = Results::default();
+    for topology in Topology::ALL {
+        let _namespaces = topology.set_up()?;
+        for placement in Placement::ALL {
+            let scene = Scene {
+                topology,
+                placement,
+            };
+            let _servers = Servers::start(&scene, helper)?;
+            for target in Target::ALL {
+                println!("{}: {}", scene.label(), target.name());
+                let relay = targets::start(&scene, target, IPERF_PORT, binary, helper, &scratch)?;
+                for streams in [1, 8] {
+                    for reverse in [false, true] {
+                        let runs = (0..plan.runs)
+                            .map(|_| {
+                                throughput(&scene, target, relay.as_ref(), streams, reverse, plan)
+                            })
+                            .collect::<Result<_>>()?;
+                        results.throughput.push(ThroughputRow {
+                            scene,
+                            target,
+                            streams,
+                            reverse,
+                            runs,
+                        });
+                    }
+                }
+                drop(relay);
+                let relay = targets::start(&scene, target, ECHO_PORT, binary, helper, &scratch)?;
+                for size in [1, 1024] {
+                    let runs = (0..plan.runs)
+                        .map(|_| latency(&scene, target, helper, size, plan))
+                        .collect::<Result<_>>()?;
+                    results.latency.push(LatencyRow {
+                        scene,
+                        target,
+                        size,
+                        runs,
+                    });
+                }
+                let runs = (0..plan.runs)
+                    .map(|_| rate(&scene, target, helper, plan))
+                    .collect::<Result<_>>()?;
+                results.rate.push(RateRow {
+                    scene,
+                    target,
+                    runs,
+                });
+                if placement == Placement::Spread {
+                    results.idle.push(IdleRow {
+                        topology,
+                        target,
+                        measured: idle(&scene, target, relay.as_ref(), helper, plan),
+                    });
+                }
+            }
+        }
+    }
+    let written = report::write(&scratch, plan, &results, started.elapsed())?;
+    println!("{written}");
+    Ok(())
+}
+
+fn split_address(address: &str) -> (&str, &str) {
+    address.rsplit_once(':').expect("addresses are ip:port")
+}
+
+fn throughput(
+    scene: &Scene,
+    target: Target,
+    relay: Option<&Running>,
+    streams: u32,
+    reverse: bool,
+    plan: &Plan,
+) -> Result<Transfer> {
+    let address = targets::client_address(scene, target, IPERF_PORT);
+    let (ip, port) = split_address(&address);
+    let relay_ticks = || relay.map_or(0, |r| targets::group_ticks(r.pid()));
+    let relay_before = relay_ticks();
+    let system_before = targets::system_busy_ticks()?;
+    let mut client = scene.command(Role::Client, "iperf3");
+    client.args(["-c", ip, "-p", port, "-J"]);
+    client.args(["-t", &plan.seconds.to_string(), "-P", &streams.to_string()]);
+    if reverse {
+        client.arg("-R");
+    }
+    let output = client.output().context("running iperf3")?;
+    let system_ticks = targets::system_busy_ticks()?.saturating_sub(system_before);
+    let relay_ticks = relay_ticks().saturating_sub(relay_before);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "iperf3 through {} printed no JSON: {}",
+            target.name(),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    if let Some(error) = report.get("error") {
+        bail!("iperf3 through {} failed: {error}", target.name());
+    }
+    let received = &report["end"]["sum_received"];
+    let gb = received["bytes"].as_f64().context("iperf3 bytes")? / 1e9;
+    let gbit_per_s = received["bits_per_second"]
+        .as_f64()
+        .context("iperf3 rate")?
+        / 1e9;
+    let hz = targets::clock_ticks_per_second();
+    Ok(Transfer {
+        gbit_per_s,
+        system_cpu_s_per_gb: system_ticks as f64 / hz / gb,
+        relay_cpu_s_per_gb: relay_ticks as f64 / hz / gb,
+    })
+}
+
+/// Runs a probe as the client of `scene` and returns its one line of output.
+fn run_probe(scene: &Scene, helper: &Path, args: &[String]) -> Result<String> {
+    let output = scene
+        .command(Role::Client, helper)
+        .arg("bench-probe")
+        .args(args)
+        .output()
+        .context("running the bench probe")?;
+    if !output.status.success() {
+        bail!(
+            "bench-probe {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+fn numbers(line: &str) -> Result<Vec<f64>> {
+    line.split_whitespace()
+        .map(|v| {
+            v.parse::<f64>()
+                .with_context(|| format!("probe printed {line:?}"))
+        })
+        .collect()
+}
+
+fn latency(
+    scene: &Scene,
+    target: Target,
+    helper: &Path,
+    size: usize,
+    plan: &Plan,
+) -> Result<[f64; 3]> {
+    let address = targets::client_address(scene, target, ECHO_PORT);
+    let line = run_probe(
+        scene,
+        helper,
+        &[
+            "latency".into(),
+            address,
+            size.to_string(),
+            plan.latency_round_trips.to_string(),
+        ],
+    )?;
+    match numbers(&line)?[..] {
+        [p50, p99, p999] => Ok([p50, p99, p999]),
+        _ => bail!("latency probe printed {line:?}"),
+    }
+}
+
+fn rate(scene: &Scene, target: Target, helper: &Path, plan: &Plan) -> Result<(f64, u64)> {
+    let address = targets::client_address(scene, target, ECHO_PORT);
+    let line = run_probe(
+        scene,
+        helper,
+        &[
+            "rate".into(),
+            address,
+            plan.rate_seconds.to_string(),
+            plan.rate_workers.to_string(),
+        ],
+    )?;
+    match numbers(&line)?[..] {
+        [per_second, failed] => Ok((per_second, failed as u64)),
+        _ => bail!("rate probe printed {line:?}"),
+    }
+}
+
+/// Opens the idle connections (as many as the plan asks, or as the descriptor limit lets
+/// this target hold) and reads the relay's RSS and the kernel's Slab while they are held.
+fn idle(
+    scene: &Scene,
+    target: Target,
+    relay: Option<&Running>,
+    helper: &Path,
+    plan: &Plan,
+) -> Result<IdleMemory, String> {
+    let capacity = target
+        .connection_capacity()
+        .ok_or("not measured: socat forks a process per connection")?;
+    let connections = plan.idle_connections.min(capacity);
+    let relay_rss_mib = || relay.map(|r| targets::group_rss_kib(r.pid()) as f64 / 1024.0);
+    let rss_before = relay_rss_mib();
+    let slab_before = meminfo_kib("Slab").map_err(|e| e.to_string())?;
+    let mut probe = scene
+        .command(Role::Client, helper)
+        .arg("bench-probe")
+        .args(["idle", &targets::client_address(scene, target, ECHO_PORT)])
+        .arg(connections.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting the idle probe: {e}"))?;
+    let stdout = probe.stdout.take().ok_or("probe stdout")?;
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    if line.trim() != "ready" {
+        let _ = probe.kill();
+        let output = probe.wait_with_output().map_err(|e| e.to_string())?;
+        return Err(format!(
+            "failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let slab_now = meminfo_kib("Slab").map_err(|e| e.to_string())?;
+    let measured = IdleMemory {
+        connections,
+        relay_rss_mib: relay_rss_mib().zip(rss_before),
+        slab_growth_mib: (slab_now as f64 - slab_before as f64) / 1024.0,
+    };
+    // Closing stdin lets the probe close its connections and exit.
+    drop(probe.stdin.take());
+    probe.wait().map_err(|e| e.to_string())?;
+    Ok(measured)
+}
+
+fn meminfo_kib(field: &str) -> Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {field} in /proc/meminfo"))
+}
+
+/// Installs the Debian packages of the commands the bench runs, when one is missing.
+fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(command, _)| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {command}")])
+                .output()
+                .map_or(true, |o| !o.status.success())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("installing {} with apt-get", missing.join(" "));
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("apt-get")?;
+    if !status.success() {
+        bail!(
+            "could not install {}: run apt-get update, or install them yourself",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,410 @@
+//! The bench's outputs in target/bench: bench.md (the tables, medians with min-max), one CSV
+//! per workload with every run, and bench.png (a chart drawn by gnuplot).
+
+use std::{fmt::Write as _, fs, path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::{
+    Plan, Results,
+    scene::{Placement, Scene, Topology},
+    targets::Target,
+};
+
+/// (streams, reverse) in the order of the throughput columns.
+const DIRECTIONS: [(u32, bool); 4] = [(1, false), (1, true), (8, false), (8, true)];
+
+fn scenes() -> Vec<Scene> {
+    Topology::ALL
+        .into_iter()
+        .flat_map(|topology| {
+            Placement::ALL.map(|placement| Scene {
+                topology,
+                placement,
+            })
+        })
+        .collect()
+}
+
+fn same(a: &Scene, b: &Scene) -> bool {
+    a.topology == b.topology && a.placement == b.placement
+}
+
+/// Median, min and max (NaN for no values).
+fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    values.sort_by(f64::total_cmp);
+    (
+        values[values.len() / 2],
+        values[0],
+        values[values.len() - 1],
+    )
+}
+
+fn median(values: Vec<f64>) -> f64 {
+    spread(values).0
+}
+
+/// Writes every output; returns the Markdown report.
+pub fn write(dir: &Path, plan: &Plan, results: &Results, took: Duration) -> Result<String> {
+    let markdown = markdown(plan, results, took)?;
+    fs::write(dir.join("bench.md"), &markdown)?;
+    write_csvs(dir, results)?;
+    chart(dir, results)?;
+    Ok(format!(
+        "{markdown}\nwritten to target/bench: bench.md, bench.png, throughput.csv, latency.csv, rate.csv, idle.csv"
+    ))
+}
+
+fn machine() -> String {
+    let read = |path| fs::read_to_string(path).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1))
+        .unwrap_or("unknown CPU")
+        .trim()
+        .to_owned();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let memory_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    format!(
+        "Linux {}, {cpus} x {model}, {memory_gib:.0} GiB",
+        read("/proc/sys/kernel/osrelease").trim()
+    )
+}
+
+fn today() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
+    let mut md = String::new();
+    writeln!(md, "Measured {} on {}.", today(), machine())?;
+    writeln!(
+        md,
+        "Medians of {} runs (min-max in brackets): iperf3 for {} s per run, {} round trips per latency run, \
+         new connections for {} s from {} threads per rate run, {} idle connections. \
+         c->u is client to upstream, u->c the reverse (iperf3 -R). The whole run took {:.0} minutes.",
+        plan.runs,
+        plan.seconds,
+        plan.latency_round_trips,
+        plan.rate_seconds,
+        plan.rate_workers,
+        plan.idle_connections,
+        took.as_secs_f64() / 60.0
+    )?;
+    writeln!(
+        md,
+        "\nThroughput cells: Gbit/s median (min-max), then CPU-seconds per GB moved: system-wide \
+         (all CPUs, from /proc/stat, softirq included) / the relay's own processes."
+    )?;
+    for scene in scenes() {
+        writeln!(md, "\n#### {}\n", scene.label())?;
+        writeln!(
+            md,
+            "| path | 1 stream c->u | 1 stream u->c | 8 streams c->u | 8 streams u->c |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|")?;
+        for target in Target::ALL {
+            let mut row = format!("| {} ", target.name());
+            for (streams, reverse) in DIRECTIONS {
+                let runs = results
+                    .throughput
+                    .iter()
+                    .find(|r| {
+                        same(&r.scene, &scene)
+                            && r.target == target
+                            && r.streams == streams
+                            && r.reverse == reverse
+                    })
+                    .map(|r| r.runs.clone())
+                    .unwrap_or_default();
+                let (gbit, lo, hi) = spread(runs.iter().map(|t| t.gbit_per_s).collect());
+                let system = median(runs.iter().map(|t| t.system_cpu_s_per_gb).collect());
+                let relay = median(runs.iter().map(|t| t.relay_cpu_s_per_gb).collect());
+                let relay = if target == Target::Direct {
+                    "-".to_owned()
+                } else {
+                    format!("{relay:.3}")
+                };
+                write!(
+                    row,
+                    "| {gbit:.2} ({lo:.2}-{hi:.2}) · {system:.2} / {relay} "
+                )?;
+            }
+            writeln!(md, "{row}|")?;
+        }
+        writeln!(
+            md,
+            "\n| path | 1 B p50 / p99 / p99.9 µs | 1 KiB p50 / p99 / p99.9 µs | new connections/s |"
+        )?;
+        writeln!(md, "|---|---|---|---|")?;
+        for target in Target::ALL {
+            let mut row = format!("| {} ", target.name());
+            for size in [1, 1024] {
+                let runs = results
+                    .latency
+                    .iter()
+                    .find(|r| same(&r.scene, &scene) && r.target == target && r.size == size)
+                    .map(|r| r.runs.clone())
+                    .unwrap_or_default();
+                let q = |i: usize| median(runs.iter().map(|r| r[i]).collect());
+                write!(row, "| {:.0} / {:.0} / {:.0} ", q(0), q(1), q(2))?;
+            }
+            let runs = results
+                .rate
+                .iter()
+                .find(|r| same(&r.scene, &scene) && r.target == target)
+                .map(|r| r.runs.clone())
+                .unwrap_or_default();
+            let (per_second, lo, hi) = spread(runs.iter().map(|r| r.0).collect());
+            let failed: u64 = runs.iter().map(|r| r.1).sum();
+            let failed = if failed == 0 {
+                String::new()
+            } else {
+                format!(", {failed} failed")
+            };
+            writeln!(md, "{row}| {per_second:.0} ({lo:.0}-{hi:.0}){failed} |")?;
+        }
+    }
+    writeln!(md, "\n#### Idle connections\n")?;
+    writeln!(md, "| path | loopback | namespaces |")?;
+    writeln!(md, "|---|---|---|")?;
+    for target in Target::ALL {
+        let mut row = format!("| {} ", target.name());
+        for topology in Topology::ALL {
+            let idle = results
+                .idle
+                .iter()
+                .find(|r| r.topology == topology && r.target == target)
+                .map(|r| &r.measured);
+            match idle {
+                Some(Ok(m)) => {
+                    let per_connection = |mib: f64| mib * 1024.0 / m.connections as f64;
+                    let rss = m.relay_rss_mib.map_or("-".to_owned(), |(rss, before)| {
+                        format!(
+                            "{rss:.1} MiB (+{:.1} over none open: {:.2} KiB each)",
+                            rss - before,
+                            per_connection(rss - before)
+                        )
+                    });
+                    write!(
+                        row,
+                        "| {} connections: relay RSS {rss}, Slab +{:.1} MiB ({:.2} KiB each) ",
+                        m.connections,
+                        m.slab_growth_mib,
+                        per_connection(m.slab_growth_mib)
+                    )?;
+                }
+                Some(Err(why)) => write!(row, "| {why} ")?,
+                None => row.push_str("| - "),
+            }
+        }
+        writeln!(md, "{row}|")?;
+    }
+    writeln!(
+        md,
+        "\nEach connection carried one byte each way, then stayed open. Slab growth is /proc/meminfo's Slab while they are open minus before; \
+         for direct it is what the two endpoints' sockets cost, so a relay's own kernel memory is its figure minus direct's. \
+         Connections per path: {} asked, fewer where the descriptor limit ({}) does not leave room \
+         (ebpf-proxy holds 2 descriptors per connection, 6 with splice; HAProxy reserves 2.5).",
+        plan.idle_connections,
+        super::targets::fd_limit()
+    )?;
+    Ok(md)
+}
+
+fn write_csvs(dir: &Path, results: &Results) -> Result<()> {
+    let scene_fields = |s: &Scene| format!("{},{}", s.topology.name(), s.placement.short_name());
+    let mut csv = String::from(
+        "topology,placement,target,streams,direction,run,gbit_per_s,system_cpu_s_per_gb,relay_cpu_s_per_gb\n",
+    );
+    for r in &results.throughput {
+        for (run, t) in r.runs.iter().enumerate() {
+            writeln!(
+                csv,
+                "{},{},{},{},{run},{:.3},{:.3},{:.4}",
+                scene_fields(&r.scene),
+                r.target.name(),
+                r.streams,
+                if r.reverse { "u->c" } else { "c->u" },
+                t.gbit_per_s,
+                t.system_cpu_s_per_gb,
+                t.relay_cpu_s_per_gb
+            )?;
+        }
+    }
+    fs::write(dir.join("throughput.csv"), csv)?;
+    let mut csv = String::from("topology,placement,target,bytes,run,p50_us,p99_us,p999_us\n");
+    for r in &results.latency {
+        for (run, q) in r.runs.iter().enumerate() {
+            writeln!(
+                csv,
+                "{},{},{},{run},{:.1},{:.1},{:.1}",
+                scene_fields(&r.scene),
+                r.target.name(),
+                r.size,
+                q[0],
+                q[1],
+                q[2]
+            )?;
+        }
+    }
+    fs::write(dir.join("latency.csv"), csv)?;
+    let mut csv = String::from("topology,placement,target,run,connections_per_s,failed\n");
+    for r in &results.rate {
+        for (run, (per_second, failed)) in r.runs.iter().enumerate() {
+            writeln!(
+                csv,
+                "{},{},{run},{per_second:.0},{failed}",
+                scene_fields(&r.scene),
+                r.target.name()
+            )?;
+        }
+    }
+    fs::write(dir.join("rate.csv"), csv)?;
+    let mut csv = String::from(
+        "topology,target,connections,relay_rss_mib,relay_rss_before_mib,slab_growth_mib\n",
+    );
+    for r in &results.idle {
+        if let Ok(m) = &r.measured {
+            writeln!(
+                csv,
+                "{},{},{},{},{:.1}",
+                r.topology.name(),
+                r.target.name(),
+                m.connections,
+                m.relay_rss_mib
+                    .map_or(",".to_owned(), |(rss, before)| format!(
+                        "{rss:.1},{before:.1}"
+                    )),
+                m.slab_growth_mib
+            )?;
+        }
+    }
+    fs::write(dir.join("idle.csv"), csv)?;
+    Ok(())
+}
+
+/// bench.png: four panels of medians per path, one bar per scene.
+fn chart(dir: &Path, results: &Results) -> Result<()> {
+    let scenes = scenes();
+    let mut data = String::from("# path, then per scene: Gbit/s, relay CPU-s/GB, p99 µs, conn/s\n");
+    for target in Target::ALL {
+        let mut row = format!("\"{}\"", target.name());
+        let throughput = |scene: &Scene| {
+            results.throughput.iter().find(|r| {
+                same(&r.scene, scene) && r.target == target && r.streams == 1 && !r.reverse
+            })
+        };
+        for scene in &scenes {
+            let runs = throughput(scene)
+                .map(|r| r.runs.clone())
+                .unwrap_or_default();
+            write!(
+                row,
+                "\t{}",
+                median(runs.iter().map(|t| t.gbit_per_s).collect())
+            )?;
+        }
+        for scene in &scenes {
+            let runs = throughput(scene)
+                .map(|r| r.runs.clone())
+                .unwrap_or_default();
+            let cpu = median(runs.iter().map(|t| t.relay_cpu_s_per_gb).collect());
+            let cpu = if target == Target::Direct {
+                f64::NAN
+            } else {
+                cpu
+            };
+            write!(row, "\t{cpu}")?;
+        }
+        for scene in &scenes {
+            let runs = results
+                .latency
+                .iter()
+                .find(|r| same(&r.scene, scene) && r.target == target && r.size == 1024)
+                .map(|r| r.runs.clone())
+                .unwrap_or_default();
+            write!(row, "\t{}", median(runs.iter().map(|q| q[1]).collect()))?;
+        }
+        for scene in &scenes {
+            let runs = results
+                .rate
+                .iter()
+                .find(|r| same(&r.scene, scene) && r.target == target)
+                .map(|r| r.runs.clone())
+                .unwrap_or_default();
+            write!(row, "\t{}", median(runs.iter().map(|r| r.0).collect()))?;
+        }
+        writeln!(data, "{row}")?;
+    }
+    fs::write(dir.join("chart.tsv"), data)?;
+    let mut script = String::from(
+        "set terminal pngcairo size 1600,1100 font \",10\"\n\
+         set output 'bench.png'\n\
+         set datafile separator \"\\t\"\n\
+         set datafile missing \"NaN\"\n\
+         set style data histograms\n\
+         set style histogram clustered gap 1\n\
+         set style fill solid 0.85 border -1\n\
+         set grid ytics\n\
+         set yrange [0:*]\n\
+         set offsets 0, 0, graph 0.3, 0\n\
+         set xtics rotate by -25 scale 0\n\
+         set key top right\n",
+    );
+    writeln!(
+        script,
+        "set multiplot layout 2,2 title \"ebpf-proxy bench {} (medians; {})\"",
+        today(),
+        machine()
+    )?;
+    let panels = [
+        "Throughput, 1 stream, client to upstream (Gbit/s)",
+        "Relay processes' CPU per GB, same runs (CPU-s/GB)",
+        "p99 latency, 1 KiB request/response (µs)",
+        "New connections per second",
+    ];
+    for (panel, title) in panels.iter().enumerate() {
+        writeln!(script, "set title \"{title}\"")?;
+        let plots: Vec<String> = scenes
+            .iter()
+            .enumerate()
+            .map(|(i, scene)| {
+                let column = 2 + panel * scenes.len() + i;
+                let source = if i == 0 { "'chart.tsv'" } else { "''" };
+                let xtic = if i == 0 { ":xtic(1)" } else { "" };
+                format!("{source} using {column}{xtic} title \"{}\"", scene.label())
+            })
+            .collect();
+        writeln!(script, "plot {}", plots.join(", "))?;
+    }
+    script.push_str("unset multiplot\n");
+    fs::write(dir.join("chart.gp"), script)?;
+    let output = Command::new("gnuplot")
+        .arg("chart.gp")
+        .current_dir(dir)
+        .output()
+        .context("running gnuplot (apt-get install gnuplot-nox)")?;
+    if !output.status.success() {
+        bail!(
+            "gnuplot failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
