@@ -42,8 +42,9 @@ static RELAY_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 #[unsafe(no_mangle)]
 static FLOW_BACKLOG_LIMIT: u64 = DEFAULT_BACKLOG_LIMIT;
 
-/// Past this many times the limit the flow detaches rather than let the backlog grow further.
-const HARD_LIMIT_FACTOR: u64 = 16;
+/// Past this many times the limit (64 MiB by default) the flow detaches rather than let the
+/// backlog grow further.
+const HARD_LIMIT_FACTOR: u64 = 4;
 
 #[stream_verdict]
 fn relay_verdict(ctx: SkBuffContext) -> u32 {
