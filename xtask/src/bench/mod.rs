@@ -249,33 +249,42 @@ fn throughput(
     })
 }
 
-/// Runs a probe as the client of `scene` and returns its one line of output.
-fn run_probe(scene: &Scene, helper: &Path, args: &[String]) -> Result<String> {
+/// Runs probe `name` as the client of `scene` against `address` and parses the N numbers
+/// of its one line of output.
+fn run_probe<const N: usize>(
+    scene: &Scene,
+    helper: &Path,
+    name: &str,
+    address: String,
+    args: [String; 2],
+) -> Result<[f64; N]> {
     let output = scene
         .command(Role::Client, helper)
-        .arg("bench-probe")
-        .args(args)
+        .args(["bench-probe", name, &address])
+        .args(&args)
         .output()
         .context("running the bench probe")?;
     if !output.status.success() {
         bail!(
-            "bench-probe {} failed: {}",
+            "bench-probe {name} {address} {} failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
-fn numbers(line: &str) -> Result<Vec<f64>> {
-    line.split_whitespace()
+    let line = String::from_utf8_lossy(&output.stdout);
+    let numbers = line
+        .split_whitespace()
         .map(|v| {
             v.parse::<f64>()
                 .with_context(|| format!("probe printed {line:?}"))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    numbers
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("bench-probe {name} printed {line:?}"))
 }
 
+/// p50, p99 and p99.9 in microseconds.
 fn latency(
     scene: &Scene,
     target: Target,
@@ -284,38 +293,16 @@ fn latency(
     plan: &Plan,
 ) -> Result<[f64; 3]> {
     let address = targets::client_address(scene, target, ECHO_PORT);
-    let line = run_probe(
-        scene,
-        helper,
-        &[
-            "latency".into(),
-            address,
-            size.to_string(),
-            plan.latency_round_trips.to_string(),
-        ],
-    )?;
-    match numbers(&line)?[..] {
-        [p50, p99, p999] => Ok([p50, p99, p999]),
-        _ => bail!("latency probe printed {line:?}"),
-    }
+    let args = [size.to_string(), plan.latency_round_trips.to_string()];
+    run_probe(scene, helper, "latency", address, args)
 }
 
+/// Connections per second, and how many failed.
 fn rate(scene: &Scene, target: Target, helper: &Path, plan: &Plan) -> Result<(f64, u64)> {
     let address = targets::client_address(scene, target, ECHO_PORT);
-    let line = run_probe(
-        scene,
-        helper,
-        &[
-            "rate".into(),
-            address,
-            plan.rate_seconds.to_string(),
-            plan.rate_workers.to_string(),
-        ],
-    )?;
-    match numbers(&line)?[..] {
-        [per_second, failed] => Ok((per_second, failed as u64)),
-        _ => bail!("rate probe printed {line:?}"),
-    }
+    let args = [plan.rate_seconds.to_string(), plan.rate_workers.to_string()];
+    let [per_second, failed] = run_probe(scene, helper, "rate", address, args)?;
+    Ok((per_second, failed as u64))
 }
 
 /// Opens the idle connections (as many as the plan asks, or as the descriptor limit lets

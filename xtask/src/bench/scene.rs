@@ -141,74 +141,25 @@ impl Namespaces {
         remove_namespaces();
         let guard = Self(());
         for ns in [CLIENT_NS, RELAY_NS, SERVER_NS] {
-            ip(&["netns", "add", ns])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&format!("netns add {ns}"))?;
+            ip(&format!("-n {ns} link set lo up"))?;
         }
         for (end, relay_end, ns) in [
             ("epb-c", "epb-rc", CLIENT_NS),
             ("epb-s", "epb-rs", SERVER_NS),
         ] {
-            ip(&[
-                "link", "add", end, "netns", ns, "type", "veth", "peer", "name", relay_end,
-                "netns", RELAY_NS,
-            ])?;
-            ip(&["-n", ns, "link", "set", end, "up"])?;
-            ip(&["-n", RELAY_NS, "link", "set", relay_end, "up"])?;
+            ip(&format!(
+                "link add {end} netns {ns} type veth peer name {relay_end} netns {RELAY_NS}"
+            ))?;
+            ip(&format!("-n {ns} link set {end} up"))?;
+            ip(&format!("-n {RELAY_NS} link set {relay_end} up"))?;
         }
-        ip(&[
-            "-n",
-            CLIENT_NS,
-            "addr",
-            "add",
-            "10.77.1.1/24",
-            "dev",
-            "epb-c",
-        ])?;
-        ip(&[
-            "-n",
-            RELAY_NS,
-            "addr",
-            "add",
-            "10.77.1.2/24",
-            "dev",
-            "epb-rc",
-        ])?;
-        ip(&[
-            "-n",
-            RELAY_NS,
-            "addr",
-            "add",
-            "10.77.2.1/24",
-            "dev",
-            "epb-rs",
-        ])?;
-        ip(&[
-            "-n",
-            SERVER_NS,
-            "addr",
-            "add",
-            "10.77.2.2/24",
-            "dev",
-            "epb-s",
-        ])?;
-        ip(&[
-            "-n",
-            CLIENT_NS,
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.77.1.2",
-        ])?;
-        ip(&[
-            "-n",
-            SERVER_NS,
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.77.2.1",
-        ])?;
+        ip(&format!("-n {CLIENT_NS} addr add 10.77.1.1/24 dev epb-c"))?;
+        ip(&format!("-n {RELAY_NS} addr add 10.77.1.2/24 dev epb-rc"))?;
+        ip(&format!("-n {RELAY_NS} addr add 10.77.2.1/24 dev epb-rs"))?;
+        ip(&format!("-n {SERVER_NS} addr add 10.77.2.2/24 dev epb-s"))?;
+        ip(&format!("-n {CLIENT_NS} route add default via 10.77.1.2"))?;
+        ip(&format!("-n {SERVER_NS} route add default via 10.77.2.1"))?;
         sysctl(RELAY_NS, "net.ipv4.ip_forward=1")?;
         // The connection-rate run opens tens of thousands of short connections: let the
         // ends that close first reuse their TIME_WAIT ports, as loopback does by default.
@@ -235,13 +186,14 @@ fn remove_namespaces() {
     }
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+/// Runs `ip` with the words of `args`.
+fn ip(args: &str) -> Result<()> {
     let status = Command::new("ip")
-        .args(args)
+        .args(args.split_whitespace())
         .status()
         .context("running ip (apt-get install iproute2)")?;
     if !status.success() {
-        bail!("ip {} failed", args.join(" "));
+        bail!("ip {args} failed");
     }
     Ok(())
 }
