@@ -94,12 +94,12 @@ pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
     check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
 }
 
-/// Bytes the socket's TCP stack has taken for sending so far: acknowledged plus still in the
-/// write queue (SIOCOUTQ). Read in that order so concurrent progress can only make the sum
-/// smaller than the truth, never larger.
-pub fn queued_total(fd: &impl AsRawFd) -> io::Result<u64> {
+/// What the socket's TCP stack has taken for sending so far: the bytes acknowledged, and
+/// those still in the write queue (SIOCOUTQ). Read in that order so concurrent progress
+/// can only make the sum smaller than the truth, never larger.
+pub fn acked_and_queued(fd: &impl AsRawFd) -> io::Result<(u64, u64)> {
     let acked = tcp_info(fd)?.bytes_acked;
-    Ok(acked + unacked_or_unsent(fd)?)
+    Ok((acked, unacked_or_unsent(fd)?))
 }
 
 /// SIOCOUTQ: bytes in the write queue, sent but unacknowledged or not sent yet.

@@ -5,7 +5,8 @@
 //!   earlier makes the queued redirects fail and drops them);
 //! - redirects ignore the peer's send buffer: when the program's bound on the peer's backlog
 //!   reaches the limit, measure the backlog and, from half the limit on, shrink the sending
-//!   socket's receive buffer until it is down to a quarter;
+//!   socket's receive buffer until it is down to a quarter; at the same checks, size the
+//!   peer's send buffer to its drain rate, since the kernel fills it only once a jiffy;
 //! - a detached flow (its peer could not join the map) keeps its bytes on the receiving
 //!   socket; userspace moves them, after the peer's redirect backlog has emptied.
 
@@ -40,11 +41,19 @@ pub const MOVE_BUFFER: usize = 64 * 1024;
 /// advertised window stays below that: what a sender can still push once throttled.
 /// Measured over loopback: a 4 MiB request gave 0.8 Gbit/s, 8 MiB gave 2.1.
 pub const RECEIVE_BUFFER: libc::c_int = 8 << 20;
-/// SO_SNDBUF of every relayed socket (doubled by the kernel: 8 MiB). When a destination's
-/// send buffer is full, the kernel's redirect worker retries only a jiffy later (4 ms);
-/// a buffer that covers that gap keeps the backlog, and so throttling, low. Measured over
-/// loopback with the receive buffer above: 2.1 Gbit/s with autotuning, 5.3 with this.
+/// SO_SNDBUF every relayed socket starts with (doubled by the kernel: 8 MiB), and returns to
+/// when its peer falls behind. When a destination's send buffer is full, the kernel's
+/// redirect worker retries only a jiffy later (4 ms), and wakeups meanwhile do nothing, so a
+/// flow moves at most about one send buffer per jiffy: measured over loopback with
+/// everything on one CPU, 4.4 Gbit/s with this size, 8-9 with 16 MiB, 10.5-11 with 32 MiB.
 pub const SEND_BUFFER: libc::c_int = 4 << 20;
+/// The most SO_SNDBUF grows to (64 MiB in the kernel's accounting), for a destination that
+/// drains fast enough to need it.
+pub const SEND_BUFFER_MAX: libc::c_int = 32 << 20;
+/// A destination's send buffer is sized to hold what it drained in this long (at each
+/// backlog check): several jiffies of retry delay at its own rate. Below 8 MiB / 64 ms
+/// (1 Gbit/s), the size stays at [`SEND_BUFFER`].
+const SEND_BUFFER_SPAN: Duration = Duration::from_millis(64);
 /// SO_RCVLOWAT during setup: above any window (the kernel caps it at half the largest
 /// receive buffer), so data-ready, and with it the program, waits for the release.
 const HOLD_LOW_WATER: libc::c_int = libc::c_int::MAX;
@@ -96,6 +105,12 @@ struct Side {
     checkpoint: AtomicU64,
     /// Check requests of this socket's flow that userspace has answered.
     checks_done: AtomicU32,
+    /// The SO_SNDBUF this socket has now, sized by how fast it drains as a destination.
+    send_buffer: AtomicU32,
+    /// This socket's tcpi_bytes_acked, and the coarse monotonic time, at the last backlog
+    /// check of the flow into it: where its next drain rate is measured from.
+    drained_mark: AtomicU64,
+    drained_mark_ns: AtomicU64,
 }
 
 /// A connection whose sockets are (being) put into the maps; Drop takes every trace out.
@@ -185,6 +200,9 @@ impl KernelDataPlane {
             peer_userspace: AtomicU64::new(peer_queued),
             checkpoint: AtomicU64::new(0),
             checks_done: AtomicU32::new(0),
+            send_buffer: AtomicU32::new(SEND_BUFFER as u32),
+            drained_mark: AtomicU64::new(0),
+            drained_mark_ns: AtomicU64::new(sys::monotonic_coarse_ns()),
         };
         let client_side = side(client, client_cookie, client_signals, upstream_queued);
         let upstream_side = side(upstream, upstream_cookie, upstream_signals, client_queued);
@@ -392,10 +410,17 @@ impl KernelConnection<'_> {
         requested: u32,
     ) -> Result<(), LocalFlowError> {
         let mut measured = self.peer_backlog(from, to)?;
-        if measured.1 >= self.plane.backlog_limit / 2 {
+        // By its drain rate, not its backlog: a fast destination's backlog swings by
+        // megabytes while the redirect worker waits out a jiffy.
+        self.fit_send_buffer(to, measured.acked)?;
+        if measured.backlog >= self.plane.backlog_limit / 2 {
             measured = self.throttle(from, to).await?;
         }
-        let (redirected, backlog) = measured;
+        let Backlog {
+            redirected,
+            backlog,
+            ..
+        } = measured;
         from.checkpoint
             .store(redirected.saturating_sub(backlog), Ordering::Release);
         from.checks_done.store(requested, Ordering::Release);
@@ -408,7 +433,7 @@ impl KernelConnection<'_> {
     /// this leaves rcv_ssthresh alone, so the full window is back as soon as the buffer is:
     /// measured over loopback, 2.4 Gbit/s against 1.2 with the clamp. Returns the
     /// measurement that found the backlog drained.
-    async fn throttle(&self, from: &Side, to: &Side) -> Result<(u64, u64), LocalFlowError> {
+    async fn throttle(&self, from: &Side, to: &Side) -> Result<Backlog, LocalFlowError> {
         sys::set_receive_buffer(&from.stream, 1).map_err(LocalFlowError::Source)?;
         let drained = self
             .wait_for_peer_backlog(from, to, self.plane.backlog_limit / 4)
@@ -500,28 +525,55 @@ impl KernelConnection<'_> {
         }
     }
 
-    /// The program's redirected count for `from`, and how many bytes redirected towards
-    /// `to` are not yet in its TCP write queue (the redirect backlog) as of that count.
-    fn peer_backlog(&self, from: &Side, to: &Side) -> Result<(u64, u64), LocalFlowError> {
+    /// Sizes `to`'s send buffer by its drain rate over the last [`SEND_BUFFER_SPAN`] or more
+    /// (checks closer together add to one measurement, so a burst between two checks is no
+    /// sample): a fast destination then bridges the redirect worker's retry delay, a slow
+    /// one holds no more than before.
+    fn fit_send_buffer(&self, to: &Side, acked: u64) -> Result<(), LocalFlowError> {
+        let now = sys::monotonic_coarse_ns();
+        let since_ns = now.saturating_sub(to.drained_mark_ns.load(Ordering::Acquire));
+        let span_ns = SEND_BUFFER_SPAN.as_nanos() as u64;
+        if since_ns < span_ns {
+            return Ok(());
+        }
+        to.drained_mark_ns.store(now, Ordering::Release);
+        let drained = acked.saturating_sub(to.drained_mark.swap(acked, Ordering::AcqRel));
+        let current = to.send_buffer.load(Ordering::Acquire) as libc::c_int;
+        if let Some(bytes) = resized_send_buffer(current, drained, since_ns) {
+            sys::set_send_buffer(&to.stream, bytes).map_err(LocalFlowError::Destination)?;
+            to.send_buffer.store(bytes as u32, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// The program's redirected count for `from`, how many bytes redirected towards `to`
+    /// are not yet in its TCP write queue (the redirect backlog) as of that count, and how
+    /// many `to` has had acknowledged.
+    fn peer_backlog(&self, from: &Side, to: &Side) -> Result<Backlog, LocalFlowError> {
         let redirected = self.state(from).redirected_bytes;
         let expected = from.peer_userspace.load(Ordering::Acquire) + redirected;
-        let queued = sys::queued_total(&to.stream).map_err(LocalFlowError::Destination)?;
-        Ok((redirected, expected.saturating_sub(queued)))
+        let (acked, unacked) =
+            sys::acked_and_queued(&to.stream).map_err(LocalFlowError::Destination)?;
+        Ok(Backlog {
+            redirected,
+            backlog: expected.saturating_sub(acked + unacked),
+            acked,
+        })
     }
 
     /// Waits until at most `allowed` bytes redirected towards `to` are still outside its TCP
     /// write queue (0: every one of them is in it, so a write from userspace goes behind).
-    /// Returns that measurement: the redirected count and the backlog.
+    /// Returns that measurement.
     async fn wait_for_peer_backlog(
         &self,
         from: &Side,
         to: &Side,
         allowed: u64,
-    ) -> Result<(u64, u64), LocalFlowError> {
+    ) -> Result<Backlog, LocalFlowError> {
         let mut delay = BACKLOG_POLL.0;
         loop {
             let measured = self.peer_backlog(from, to)?;
-            if measured.1 <= allowed {
+            if measured.backlog <= allowed {
                 return Ok(measured);
             }
             // A reset destination discards its backlog: it will never catch up.
@@ -590,6 +642,24 @@ impl Drop for KernelConnection<'_> {
     }
 }
 
+/// The SO_SNDBUF for a destination that drained `drained` bytes in `since_ns`, if it should
+/// change from `current`: what it drains per [`SEND_BUFFER_SPAN`], within
+/// [`SEND_BUFFER`]..=[`SEND_BUFFER_MAX`]. It grows at once and shrinks only on a clear fall,
+/// so a noisy rate costs no syscalls.
+fn resized_send_buffer(current: libc::c_int, drained: u64, since_ns: u64) -> Option<libc::c_int> {
+    let span_ns = SEND_BUFFER_SPAN.as_nanos();
+    let wanted = (u128::from(drained) * span_ns / u128::from(since_ns.max(1)))
+        .clamp(SEND_BUFFER as u128, SEND_BUFFER_MAX as u128) as libc::c_int;
+    (wanted > current || wanted < current / 2).then_some(wanted)
+}
+
+/// One measurement of a flow's destination (see `peer_backlog`).
+struct Backlog {
+    redirected: u64,
+    backlog: u64,
+    acked: u64,
+}
+
 /// TCP_CLOSE from include/net/tcp_states.h.
 const TCP_CLOSE: u8 = 7;
 
@@ -620,5 +690,51 @@ impl LocalFlowError {
             Self::Source(e) => FlowError::Upstream(e),
             Self::Destination(e) => FlowError::Client(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPAN_NS: u64 = SEND_BUFFER_SPAN.as_nanos() as u64;
+
+    #[test]
+    fn a_slow_destination_keeps_the_base_send_buffer() {
+        // 64 KiB/s, or nothing at all.
+        assert_eq!(
+            resized_send_buffer(SEND_BUFFER, 64 << 10, 1_000_000_000),
+            None
+        );
+        assert_eq!(resized_send_buffer(SEND_BUFFER, 0, SPAN_NS), None);
+    }
+
+    #[test]
+    fn a_fast_destination_gets_what_it_drains_per_span_up_to_the_cap() {
+        assert_eq!(
+            resized_send_buffer(SEND_BUFFER, 24 << 20, SPAN_NS),
+            Some(24 << 20)
+        );
+        // Twice the span at the same rate asks for the same size.
+        assert_eq!(
+            resized_send_buffer(SEND_BUFFER, 48 << 20, 2 * SPAN_NS),
+            Some(24 << 20)
+        );
+        assert_eq!(
+            resized_send_buffer(SEND_BUFFER, 1 << 30, SPAN_NS),
+            Some(SEND_BUFFER_MAX)
+        );
+    }
+
+    #[test]
+    fn the_send_buffer_shrinks_only_on_a_clear_fall() {
+        let current = 24 << 20;
+        assert_eq!(resized_send_buffer(current, 16 << 20, SPAN_NS), None);
+        assert_eq!(
+            resized_send_buffer(current, 8 << 20, SPAN_NS),
+            Some(8 << 20)
+        );
+        // A destination that stopped falls back to the base, never below it.
+        assert_eq!(resized_send_buffer(current, 0, SPAN_NS), Some(SEND_BUFFER));
     }
 }
