@@ -117,6 +117,12 @@ impl SocketWatcher {
     pub fn unwatch(&self, cookie: u64, fd: RawFd) {
         // The fd may already be gone from the set when the socket was closed; nothing to do.
         let _ = self.control(libc::EPOLL_CTL_DEL, cookie, fd, 0);
+        self.forget(cookie);
+    }
+
+    /// Stops dispatching to `cookie`'s signals, leaving its fd in the epoll set: for a
+    /// socket about to be closed, which leaves the set by itself (it has no duplicates).
+    pub fn forget(&self, cookie: u64) {
         self.lock().remove(&cookie);
     }
 
