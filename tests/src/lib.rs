@@ -36,6 +36,30 @@ pub fn meminfo_kib(field: &str) -> u64 {
         .unwrap_or_else(|| panic!("/proc/meminfo has no {field}"))
 }
 
+/// The send buffers (`ss` skmem `tb`, the kernel's sk_sndbuf) of the established sockets whose
+/// local port is `port`: on a relay's listening port, the sockets it accepted.
+pub fn send_buffers_on_port(port: u16) -> Vec<u64> {
+    let output = std::process::Command::new("ss")
+        .args([
+            "-tmnH",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .output()
+        .expect("running ss (iproute2)");
+    String::from_utf8_lossy(&output.stdout)
+        .split("tb")
+        .skip(1)
+        .filter_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

@@ -9,7 +9,8 @@ use std::{
 };
 
 use integration_tests::{
-    Behaviour, Plane, Received, Relay, Upstream, exchange, meminfo_kib, payload, reset, wait_until,
+    Behaviour, Plane, Received, Relay, Upstream, exchange, meminfo_kib, payload, reset,
+    send_buffers_on_port, wait_until,
 };
 
 pub fn sequential_connections_leave_nothing_behind(plane: Plane) {
@@ -52,6 +53,9 @@ const KERNEL_BOUND_MIB: u64 = 40;
 /// The test peers' own socket buffers, which a direct connection would fill too: the
 /// upstream's send buffer and the client's receive buffer (tcp_wmem and tcp_rmem maxima).
 const ENDPOINT_BUFFERS_MIB: u64 = 36;
+/// The send buffer a kernel-mode socket starts with and keeps unless its peer drains fast
+/// (4 MiB asked for, doubled by the kernel).
+const BASE_SEND_BUFFER: u64 = 8 << 20;
 
 pub fn slow_reader_memory_is_bounded(plane: Plane) {
     let upstream = Upstream::start(Behaviour::Push(1 << 30));
@@ -72,11 +76,15 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
     let mut read = 0usize;
     let mut during = Vec::new();
     let mut highest_rss = 0;
+    let mut largest_send_buffer = 0;
     while started.elapsed() < Duration::from_secs(8) {
         client.read_exact(&mut buf).expect("slow read");
         read += buf.len();
         during.push(meminfo_kib("MemAvailable"));
         highest_rss = highest_rss.max(relay.rss_kib());
+        largest_send_buffer = send_buffers_on_port(relay.addr.port())
+            .into_iter()
+            .fold(largest_send_buffer, u64::max);
         thread::sleep(Duration::from_millis(125));
     }
     reset(client);
@@ -87,16 +95,24 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
     let at_end = during.split_off(during.len().saturating_sub(16));
     let grew_mib = median(before).saturating_sub(median(at_end)) / 1024;
     eprintln!(
-        "{plane:?}: read {} KiB; upstream pushed {} MiB; MemAvailable fell by {grew_mib} MiB; relay RSS peaked at {} MiB",
+        "{plane:?}: read {} KiB; upstream pushed {} MiB; MemAvailable fell by {grew_mib} MiB; relay RSS peaked at {} MiB; the relay's client socket had a send buffer of up to {} KiB",
         read >> 10,
         pushed >> 20,
-        highest_rss >> 10
+        highest_rss >> 10,
+        largest_send_buffer >> 10
     );
     assert!(
         highest_rss < 64 << 10,
         "{plane:?}: relay RSS reached {} MiB",
         highest_rss >> 10
     );
+    if plane == Plane::Kernel {
+        // Send buffers grow only for destinations that drain fast; this one never did.
+        assert!(
+            largest_send_buffer > 0 && largest_send_buffer <= BASE_SEND_BUFFER,
+            "the slow client's socket had a send buffer of {largest_send_buffer} bytes"
+        );
+    }
     // Room on top for skb overhead and the rest of the machine during the test.
     let allowed_mib = KERNEL_BOUND_MIB + ENDPOINT_BUFFERS_MIB;
     assert!(
