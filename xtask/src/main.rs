@@ -77,6 +77,14 @@ enum Task {
         /// Seconds per iperf3 run (default 3; 1 with --quick).
         #[arg(long)]
         seconds: Option<u32>,
+        /// Only these paths (comma-separated): direct, kernel, splice, copy, haproxy-splice,
+        /// haproxy, socat, tokio. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+        /// Only these scenes (comma-separated): loopback-spread, loopback-one-cpu,
+        /// namespaces-spread, namespaces-one-cpu. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        scenes: Vec<String>,
     },
 }
 
@@ -138,7 +146,12 @@ fn main() -> Result<()> {
             quick,
             runs,
             seconds,
+            targets,
+            scenes,
         } => {
+            // Checked before the build, so a misspelt name fails at once.
+            let plan =
+                bench::Plan::new(quick, runs, seconds, &bench::Selection { targets, scenes })?;
             let binary = build(&root)?;
             // The tokio baseline runs optimised, like everything else it is compared with.
             let object = toolchain::ebpf_object(&root);
@@ -147,12 +160,7 @@ fn main() -> Result<()> {
                 .current_dir(&root))?;
             // Its hidden subcommands are the bench's tokio relay, echo server and probes.
             let helper = root.join("target/release/xtask");
-            bench::bench(
-                &root,
-                &binary,
-                &helper,
-                &bench::Plan::new(quick, runs, seconds),
-            )
+            bench::bench(&root, &binary, &helper, &plan)
         }
     }
 }

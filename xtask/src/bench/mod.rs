@@ -26,7 +26,7 @@ use scene::{Placement, Role, Scene, Topology};
 pub use targets::tokio_relay;
 use targets::{ECHO_PORT, IPERF_PORT, Running, Servers, Target};
 
-/// How much of everything to measure.
+/// How much of everything to measure, and where.
 pub struct Plan {
     pub runs: u32,
     pub seconds: u32,
@@ -34,10 +34,32 @@ pub struct Plan {
     pub rate_seconds: f64,
     pub rate_workers: usize,
     pub idle_connections: usize,
+    /// The paths measured, in the report's order (all by default).
+    pub targets: Vec<Target>,
+    /// The topology and placement pairs measured, in the report's order (all by default).
+    pub scenes: Vec<Scene>,
+}
+
+/// Which cells `cargo xtask bench` measures: every path in every scene unless narrowed.
+#[derive(Default)]
+pub struct Selection {
+    /// Path keys (`direct`, `kernel`, `haproxy-splice`, ...); empty: all.
+    pub targets: Vec<String>,
+    /// Scene keys (`loopback-spread`, `namespaces-one-cpu`, ...); empty: all.
+    pub scenes: Vec<String>,
 }
 
 impl Plan {
-    pub fn new(quick: bool, runs: Option<u32>, seconds: Option<u32>) -> Self {
+    pub fn new(
+        quick: bool,
+        runs: Option<u32>,
+        seconds: Option<u32>,
+        selection: &Selection,
+    ) -> Result<Self> {
+        let targets = select("--targets", &selection.targets, Target::ALL.to_vec(), |t| {
+            t.key().to_owned()
+        })?;
+        let scenes = select("--scenes", &selection.scenes, Scene::all(), Scene::key)?;
         let base = if quick {
             Self {
                 runs: 1,
@@ -46,6 +68,8 @@ impl Plan {
                 rate_seconds: 0.5,
                 rate_workers: 4,
                 idle_connections: 1_000,
+                targets,
+                scenes,
             }
         } else {
             Self {
@@ -55,14 +79,34 @@ impl Plan {
                 rate_seconds: 2.0,
                 rate_workers: 4,
                 idle_connections: 10_000,
+                targets,
+                scenes,
             }
         };
-        Self {
+        Ok(Self {
             runs: runs.unwrap_or(base.runs).max(1),
             seconds: seconds.unwrap_or(base.seconds).max(1),
             ..base
-        }
+        })
     }
+}
+
+/// The members of `all` that `wanted` names by key, in `all`'s order; all of them when
+/// `wanted` is empty. An unknown name is an error that lists the known ones.
+fn select<T: Copy>(
+    flag: &str,
+    wanted: &[String],
+    all: Vec<T>,
+    key: impl Fn(&T) -> String,
+) -> Result<Vec<T>> {
+    if let Some(unknown) = wanted.iter().find(|w| !all.iter().any(|t| key(t) == **w)) {
+        let known: Vec<String> = all.iter().map(&key).collect();
+        bail!("{flag}: no {unknown:?}; choose from {}", known.join(", "));
+    }
+    Ok(all
+        .into_iter()
+        .filter(|t| wanted.is_empty() || wanted.contains(&key(t)))
+        .collect())
 }
 
 /// One iperf3 run.
@@ -137,14 +181,20 @@ pub fn bench(root: &Path, binary: &Path, helper: &Path, plan: &Plan) -> Result<(
     let started = Instant::now();
     let mut results = Results::default();
     for topology in Topology::ALL {
+        let scenes: Vec<Scene> = plan
+            .scenes
+            .iter()
+            .copied()
+            .filter(|s| s.topology == topology)
+            .collect();
+        if scenes.is_empty() {
+            continue;
+        }
         let _namespaces = topology.set_up()?;
-        for placement in Placement::ALL {
-            let scene = Scene {
-                topology,
-                placement,
-            };
+        for scene in scenes {
+            let placement = scene.placement;
             let _servers = Servers::start(&scene, helper)?;
-            for target in Target::ALL {
+            for &target in &plan.targets {
                 println!("{}: {}", scene.label(), target.name());
                 let relay = targets::start(&scene, target, IPERF_PORT, binary, helper, &scratch)?;
                 for streams in [1, 8] {
@@ -392,4 +442,47 @@ fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(targets: &[&str], scenes: &[&str]) -> Result<Plan> {
+        let owned = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect();
+        Plan::new(
+            true,
+            None,
+            None,
+            &Selection {
+                targets: owned(targets),
+                scenes: owned(scenes),
+            },
+        )
+    }
+
+    #[test]
+    fn no_selection_measures_every_cell() {
+        let plan = plan(&[], &[]).expect("plan");
+        assert_eq!(plan.targets.len(), Target::ALL.len());
+        assert_eq!(plan.scenes.len(), 4);
+    }
+
+    #[test]
+    fn a_selection_keeps_the_report_order() {
+        let plan = plan(&["haproxy-splice", "kernel"], &["namespaces-one-cpu"]).expect("plan");
+        let names: Vec<&str> = plan.targets.iter().map(|t| t.key()).collect();
+        assert_eq!(names, ["kernel", "haproxy-splice"]);
+        let scenes: Vec<String> = plan.scenes.iter().map(Scene::key).collect();
+        assert_eq!(scenes, ["namespaces-one-cpu"]);
+    }
+
+    #[test]
+    fn an_unknown_name_lists_the_known_ones() {
+        let error = plan(&["nginx"], &[]).err().expect("refused").to_string();
+        assert!(error.contains("--targets: no \"nginx\""), "{error}");
+        assert!(error.contains("haproxy-splice"), "{error}");
+        let error = plan(&[], &["loopback"]).err().expect("refused").to_string();
+        assert!(error.contains("loopback-spread"), "{error}");
+    }
 }

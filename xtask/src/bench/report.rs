@@ -14,22 +14,6 @@ use super::{
 /// (streams, reverse) in the order of the throughput columns.
 const DIRECTIONS: [(u32, bool); 4] = [(1, false), (1, true), (8, false), (8, true)];
 
-fn scenes() -> Vec<Scene> {
-    Topology::ALL
-        .into_iter()
-        .flat_map(|topology| {
-            Placement::ALL.map(|placement| Scene {
-                topology,
-                placement,
-            })
-        })
-        .collect()
-}
-
-fn same(a: &Scene, b: &Scene) -> bool {
-    a.topology == b.topology && a.placement == b.placement
-}
-
 /// Median, min and max (NaN for no values).
 fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
     if values.is_empty() {
@@ -52,7 +36,7 @@ pub fn write(dir: &Path, plan: &Plan, results: &Results, took: Duration) -> Resu
     let markdown = markdown(plan, results, took)?;
     fs::write(dir.join("bench.md"), &markdown)?;
     write_csvs(dir, results)?;
-    chart(dir, results)?;
+    chart(dir, plan, results)?;
     Ok(format!(
         "{markdown}\nwritten to target/bench: bench.md, bench.png, throughput.csv, latency.csv, rate.csv, idle.csv"
     ))
@@ -111,21 +95,21 @@ fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
         "\nThroughput cells: Gbit/s median (min-max), then CPU-seconds per GB moved: system-wide \
          (all CPUs, from /proc/stat, softirq included) / the relay's own processes."
     )?;
-    for scene in scenes() {
+    for scene in &plan.scenes {
         writeln!(md, "\n#### {}\n", scene.label())?;
         writeln!(
             md,
             "| path | 1 stream c->u | 1 stream u->c | 8 streams c->u | 8 streams u->c |"
         )?;
         writeln!(md, "|---|---|---|---|---|")?;
-        for target in Target::ALL {
+        for &target in &plan.targets {
             let mut row = format!("| {} ", target.name());
             for (streams, reverse) in DIRECTIONS {
                 let runs = results
                     .throughput
                     .iter()
                     .find(|r| {
-                        same(&r.scene, &scene)
+                        r.scene == *scene
                             && r.target == target
                             && r.streams == streams
                             && r.reverse == reverse
@@ -152,13 +136,13 @@ fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
             "\n| path | 1 B p50 / p99 / p99.9 µs | 1 KiB p50 / p99 / p99.9 µs | new connections/s |"
         )?;
         writeln!(md, "|---|---|---|---|")?;
-        for target in Target::ALL {
+        for &target in &plan.targets {
             let mut row = format!("| {} ", target.name());
             for size in [1, 1024] {
                 let runs = results
                     .latency
                     .iter()
-                    .find(|r| same(&r.scene, &scene) && r.target == target && r.size == size)
+                    .find(|r| r.scene == *scene && r.target == target && r.size == size)
                     .map(|r| r.runs.clone())
                     .unwrap_or_default();
                 let q = |i: usize| median(runs.iter().map(|r| r[i]).collect());
@@ -167,7 +151,7 @@ fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
             let runs = results
                 .rate
                 .iter()
-                .find(|r| same(&r.scene, &scene) && r.target == target)
+                .find(|r| r.scene == *scene && r.target == target)
                 .map(|r| r.runs.clone())
                 .unwrap_or_default();
             let (per_second, lo, hi) = spread(runs.iter().map(|r| r.0).collect());
@@ -180,12 +164,26 @@ fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
             writeln!(md, "{row}| {per_second:.0} ({lo:.0}-{hi:.0}){failed} |")?;
         }
     }
+    // Idle connections are measured in the spread placement of each topology.
+    let topologies: Vec<Topology> = Topology::ALL
+        .into_iter()
+        .filter(|&topology| {
+            plan.scenes.contains(&Scene {
+                topology,
+                placement: Placement::Spread,
+            })
+        })
+        .collect();
+    if topologies.is_empty() {
+        return Ok(md);
+    }
     writeln!(md, "\n#### Idle connections\n")?;
-    writeln!(md, "| path | loopback | namespaces |")?;
-    writeln!(md, "|---|---|---|")?;
-    for target in Target::ALL {
+    let names: Vec<&str> = topologies.iter().map(|t| t.name()).collect();
+    writeln!(md, "| path | {} |", names.join(" | "))?;
+    writeln!(md, "|---|{}", "---|".repeat(names.len()))?;
+    for &target in &plan.targets {
         let mut row = format!("| {} ", target.name());
-        for topology in Topology::ALL {
+        for &topology in &topologies {
             let idle = results
                 .idle
                 .iter()
@@ -300,17 +298,18 @@ fn write_csvs(dir: &Path, results: &Results) -> Result<()> {
 }
 
 /// bench.png: four panels of medians per path, one bar per scene.
-fn chart(dir: &Path, results: &Results) -> Result<()> {
-    let scenes = scenes();
+fn chart(dir: &Path, plan: &Plan, results: &Results) -> Result<()> {
+    let scenes = &plan.scenes;
     let mut data = String::from("# path, then per scene: Gbit/s, relay CPU-s/GB, p99 µs, conn/s\n");
-    for target in Target::ALL {
+    for &target in &plan.targets {
         let mut row = format!("\"{}\"", target.name());
         let throughput = |scene: &Scene| {
-            results.throughput.iter().find(|r| {
-                same(&r.scene, scene) && r.target == target && r.streams == 1 && !r.reverse
-            })
+            results
+                .throughput
+                .iter()
+                .find(|r| r.scene == *scene && r.target == target && r.streams == 1 && !r.reverse)
         };
-        for scene in &scenes {
+        for scene in scenes {
             let runs = throughput(scene)
                 .map(|r| r.runs.clone())
                 .unwrap_or_default();
@@ -320,7 +319,7 @@ fn chart(dir: &Path, results: &Results) -> Result<()> {
                 median(runs.iter().map(|t| t.gbit_per_s).collect())
             )?;
         }
-        for scene in &scenes {
+        for scene in scenes {
             let runs = throughput(scene)
                 .map(|r| r.runs.clone())
                 .unwrap_or_default();
@@ -332,20 +331,20 @@ fn chart(dir: &Path, results: &Results) -> Result<()> {
             };
             write!(row, "\t{cpu}")?;
         }
-        for scene in &scenes {
+        for scene in scenes {
             let runs = results
                 .latency
                 .iter()
-                .find(|r| same(&r.scene, scene) && r.target == target && r.size == 1024)
+                .find(|r| r.scene == *scene && r.target == target && r.size == 1024)
                 .map(|r| r.runs.clone())
                 .unwrap_or_default();
             write!(row, "\t{}", median(runs.iter().map(|q| q[1]).collect()))?;
         }
-        for scene in &scenes {
+        for scene in scenes {
             let runs = results
                 .rate
                 .iter()
-                .find(|r| same(&r.scene, scene) && r.target == target)
+                .find(|r| r.scene == *scene && r.target == target)
                 .map(|r| r.runs.clone())
                 .unwrap_or_default();
             write!(row, "\t{}", median(runs.iter().map(|r| r.0).collect()))?;

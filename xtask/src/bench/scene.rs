@@ -104,13 +104,31 @@ impl Placement {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Scene {
     pub topology: Topology,
     pub placement: Placement,
 }
 
 impl Scene {
+    /// Every topology with every placement, in the report's order.
+    pub fn all() -> Vec<Self> {
+        Topology::ALL
+            .into_iter()
+            .flat_map(|topology| {
+                Placement::ALL.map(|placement| Self {
+                    topology,
+                    placement,
+                })
+            })
+            .collect()
+    }
+
+    /// How `--scenes` names it: `loopback-spread`, `namespaces-one-cpu`, ...
+    pub fn key(&self) -> String {
+        format!("{}-{}", self.topology.name(), self.placement.short_name())
+    }
+
     /// `program` as `role` runs in this scene: in its namespace, on its CPU. Both wrappers
     /// exec, so the child's pid is the program's.
     pub fn command(&self, role: Role, program: impl AsRef<OsStr>) -> Command {

@@ -63,6 +63,18 @@ impl Target {
             .map(|per| (spare / per) as usize)
     }
 
+    /// How `--targets` names it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Relay(plane) => plane,
+            Self::Haproxy { splice: true } => "haproxy-splice",
+            Self::Haproxy { splice: false } => "haproxy",
+            Self::Socat => "socat",
+            Self::Tokio => "tokio",
+        }
+    }
+
     pub fn name(self) -> String {
         match self {
             Self::Direct => "direct".into(),
