@@ -50,9 +50,10 @@ pub const SEND_BUFFER: libc::c_int = 4 << 20;
 /// The most SO_SNDBUF grows to (64 MiB in the kernel's accounting), for a destination that
 /// drains fast enough to need it.
 pub const SEND_BUFFER_MAX: libc::c_int = 32 << 20;
-/// A destination's send buffer is sized to hold what it drained in this long (at each
-/// backlog check): several jiffies of retry delay at its own rate. Below 8 MiB / 64 ms
-/// (1 Gbit/s), the size stays at [`SEND_BUFFER`].
+/// At each backlog check, SO_SNDBUF is set to what the destination drained in this long, so
+/// the kernel's buffer (twice that) holds what it drains in 128 ms: many jiffies of retry
+/// delay at its own rate. Under 4 MiB per 64 ms (about 0.5 Gbit/s) it stays at
+/// [`SEND_BUFFER`]; from about 4 Gbit/s on it is at [`SEND_BUFFER_MAX`].
 const SEND_BUFFER_SPAN: Duration = Duration::from_millis(64);
 /// SO_RCVLOWAT during setup: above any window (the kernel caps it at half the largest
 /// receive buffer), so data-ready, and with it the program, waits for the release.
