@@ -48,7 +48,26 @@ pub struct FlowState {
     /// bound reached [`GLOBAL_BACKLOG_LIMIT`]). While this differs from
     /// [`FlowControl::checks_done`], a check is pending and the program asks for no other.
     pub checks_requested: u32,
+    /// Bytes of retransmitted segments that repeated bytes already handed on, cut off before
+    /// the verdict (see [`FlowState::next_seq`]).
+    pub trimmed_bytes: u64,
+    /// TCP sequence number just past the last byte the program handed on: where the next
+    /// segment must begin. A retransmission can overlap bytes already received, and the
+    /// kernel queues it whole; its repeated head is trimmed off by comparing with this.
+    pub next_seq: u32,
+    /// Non-zero once [`FlowState::next_seq`] holds a value (from the first segment seen);
+    /// [`FLOW_BROKEN`] when a repeated head could not be trimmed, and the flow stopped.
+    pub seq_state: u32,
 }
+
+/// [`FlowState::seq_state`]: no segment seen yet.
+pub const SEQ_UNKNOWN: u32 = 0;
+/// [`FlowState::seq_state`]: `next_seq` is valid.
+pub const SEQ_TRACKED: u32 = 1;
+/// [`FlowState::seq_state`]: a segment repeating bytes already handed on could not be
+/// trimmed; it was dropped and userspace must end the connection rather than lose or
+/// repeat a byte.
+pub const FLOW_BROKEN: u32 = 2;
 
 /// What userspace tells the program about one flow. Written only by userspace.
 #[repr(C)]
@@ -64,7 +83,7 @@ pub struct FlowControl {
     pub _padding: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<FlowState>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 48);
 const _: () = assert!(core::mem::size_of::<FlowControl>() == 24);
 
 #[cfg(feature = "user")]

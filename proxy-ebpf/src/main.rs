@@ -16,13 +16,16 @@ use core::ptr;
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
+    bindings::__sk_buff,
+    cty::c_void,
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_loop, bpf_skb_adjust_room},
     macros::{map, stream_verdict},
     maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use proxy_common::{
-    DEFAULT_BACKLOG_LIMIT, DEFAULT_MAX_SOCKETS, FlowControl, FlowState, EVENTS_RING_BYTES,
+    DEFAULT_BACKLOG_LIMIT, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, FLOW_BROKEN, FlowControl,
+    FlowState, SEQ_TRACKED, SEQ_UNKNOWN,
 };
 
 #[map]
@@ -46,6 +49,11 @@ static FLOW_BACKLOG_LIMIT: u64 = DEFAULT_BACKLOG_LIMIT;
 /// backlog grow further.
 const HARD_LIMIT_FACTOR: u64 = 4;
 
+/// The most one bpf_skb_adjust_room call removes from a segment's head.
+const TRIM_STEP: u32 = 0xfff;
+/// Enough steps for a 1 MiB repeated head, far more than one queued segment holds.
+const TRIM_STEPS_MAX: u32 = 256;
+
 #[stream_verdict]
 fn relay_verdict(ctx: SkBuffContext) -> u32 {
     // A socket without flow entries is not (or no longer) relayed by us: keep its bytes on
@@ -56,19 +64,29 @@ fn relay_verdict(ctx: SkBuffContext) -> u32 {
 fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
     // SAFETY: the helper only reads the skb's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let flow = RELAY_FLOWS.get_ptr_mut(&cookie).ok_or(())?;
+    let flow = RELAY_FLOWS.get_ptr_mut(cookie).ok_or(())?;
     // SAFETY: map values live until deleted; the program runs under the socket's lock, so
     // nothing else writes this flow's state meanwhile.
     let flow = unsafe { &mut *flow };
     // SAFETY: read-only view of a userspace-owned value.
-    let control = unsafe { RELAY_CONTROLS.get(&cookie) }.ok_or(())?;
-    let len = u64::from(ctx.len());
-    if len == 0 {
+    let control = unsafe { RELAY_CONTROLS.get(cookie) }.ok_or(())?;
+    if ctx.len() == 0 || flow.seq_state == FLOW_BROKEN {
         // A bare FIN reaches the verdict as an empty skb. Redirected, the peer's backlog
         // worker sends zero bytes, takes that for a broken pipe and fails the peer (EPIPE).
         // The FIN itself is already recorded in the socket state; dropping loses no byte.
+        // A broken flow is being reset by userspace: nothing more goes on.
         return Ok(SK_DROP);
     }
+    let Some(len) = trim_repeated_head(ctx, flow) else {
+        flow.seq_state = FLOW_BROKEN;
+        notify(cookie);
+        return Ok(SK_DROP);
+    };
+    if len == 0 {
+        // Every byte of it was handed on before.
+        return Ok(SK_DROP);
+    }
+    let len = u64::from(len);
     // SAFETY: no arguments.
     flow.last_active_ns = unsafe { bpf_ktime_get_coarse_ns() };
     if flow.detached != 0 {
@@ -99,6 +117,70 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
     }
     flow.redirected_bytes += len;
     Ok(verdict)
+}
+
+/// TCP queues a retransmitted segment that overlaps bytes already received as it came, and
+/// this path (tcp_read_skb) hands it over whole, so its head would go on twice (recvmsg
+/// skips such a head by copied_seq; tcp_read_skb does not, and then also advances copied_seq
+/// by the whole length, which later makes TCP discard unread bytes). Cuts the repeated head
+/// off. Returns the length left, or None when the head could not be cut.
+fn trim_repeated_head(ctx: &SkBuffContext, flow: &mut FlowState) -> Option<u32> {
+    let len = ctx.len();
+    // For sk_skb programs cb[0] is the start of the socket's TCP control block: the
+    // segment's sequence number.
+    let seq = ctx.cb()[0];
+    let end = seq.wrapping_add(len);
+    if flow.seq_state == SEQ_UNKNOWN {
+        // Userspace never reads part of a segment before the socket joins the map.
+        flow.seq_state = SEQ_TRACKED;
+        flow.next_seq = end;
+        return Some(len);
+    }
+    let repeated = flow.next_seq.wrapping_sub(seq) as i32;
+    if repeated <= 0 {
+        flow.next_seq = end;
+        return Some(len);
+    }
+    let repeated = (repeated as u32).min(len);
+    let whole_steps = repeated / TRIM_STEP;
+    if whole_steps > TRIM_STEPS_MAX {
+        return None;
+    }
+    let rest = repeated % TRIM_STEP;
+    if rest > 0 {
+        let _ = ctx.skb.adjust_room(-(rest as i32), 0, 0);
+    }
+    // bpf_loop, not a loop: the verifier checks the callback once, where a loop's every
+    // iteration (and its speculative paths, without CAP_PERFMON) would be followed.
+    // Failures show in the length below.
+    let mut skb = ctx.skb.skb;
+    // SAFETY: the callback only reads the skb pointer it is given, while this frame lives.
+    unsafe {
+        bpf_loop(
+            whole_steps,
+            trim_one_step as *mut c_void,
+            ptr::from_mut(&mut skb).cast(),
+            0,
+        );
+    }
+    let left = ctx.len();
+    if left != len - repeated {
+        return None;
+    }
+    flow.trimmed_bytes += u64::from(repeated);
+    if (end.wrapping_sub(flow.next_seq) as i32) > 0 {
+        flow.next_seq = end;
+    }
+    Some(left)
+}
+
+/// One bpf_loop step of [`trim_repeated_head`]: removes TRIM_STEP bytes from the head.
+extern "C" fn trim_one_step(_index: u64, skb: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the pointer to the skb pointer it was given.
+    let skb = unsafe { *skb.cast::<*mut __sk_buff>() };
+    // SAFETY: a helper call on the program's own skb.
+    unsafe { bpf_skb_adjust_room(skb, -(TRIM_STEP as i32), 0, 0) };
+    0
 }
 
 /// Keeps this and every later byte on the socket: a failed redirect would drop it.

@@ -170,9 +170,13 @@ impl Metrics {
                 })
             }),
         );
-        let (sockets, fallbacks) = match &self.plane {
-            DataPlane::Kernel(kernel) => (kernel.socket_entries() as u64, kernel.fallbacks()),
-            _ => (0, 0),
+        let (sockets, fallbacks, trimmed) = match &self.plane {
+            DataPlane::Kernel(kernel) => (
+                kernel.socket_entries() as u64,
+                kernel.fallbacks(),
+                kernel.trimmed_bytes(),
+            ),
+            _ => (0, 0, 0),
         };
         family(
             "dataplane_info",
@@ -191,6 +195,12 @@ impl Metrics {
             "counter",
             "Connections relayed in userspace because the sockhash did not take them.",
             &mut std::iter::once((String::new(), fallbacks)),
+        );
+        family(
+            "kernel_retransmitted_bytes_trimmed_total",
+            "counter",
+            "Bytes of retransmitted segments that repeated bytes already relayed, cut off by the program (closed connections).",
+            &mut std::iter::once((String::new(), trimmed)),
         );
         out
     }

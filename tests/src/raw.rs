@@ -81,3 +81,150 @@ pub fn listen(socket: OwnedFd, backlog: libc::c_int) -> io::Result<std::net::Tcp
     }
     Ok(std::net::TcpListener::from(socket))
 }
+
+/// Where an established socket's two byte streams stand in TCP sequence space.
+#[derive(Clone, Copy, Debug)]
+pub struct Sequences {
+    /// The sequence number of the next byte this socket will send.
+    pub send: u32,
+    /// The sequence number of the next byte it expects: what its ACKs carry.
+    pub receive: u32,
+}
+
+// From include/uapi/linux/tcp.h (libc lacks the queue names).
+const TCP_REPAIR_ON: libc::c_int = 1;
+const TCP_REPAIR_OFF: libc::c_int = 0;
+const TCP_RECV_QUEUE: libc::c_int = 1;
+const TCP_SEND_QUEUE: libc::c_int = 2;
+
+fn set_tcp_option(fd: &impl AsRawFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: value is a c_int of the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            option,
+            std::ptr::from_ref(&value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn queue_seq(fd: &impl AsRawFd, queue: libc::c_int) -> io::Result<u32> {
+    set_tcp_option(fd, libc::TCP_REPAIR_QUEUE, queue)?;
+    let mut seq: u32 = 0;
+    let mut len = size_of::<u32>() as libc::socklen_t;
+    // SAFETY: seq and len are valid for the kernel to write.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUEUE_SEQ,
+            std::ptr::from_mut(&mut seq).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(seq)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Reads an established socket's sequence numbers through TCP repair mode (CAP_NET_ADMIN),
+/// which it enters and leaves around the reads.
+pub fn sequences(fd: &impl AsRawFd) -> io::Result<Sequences> {
+    set_tcp_option(fd, libc::TCP_REPAIR, TCP_REPAIR_ON)?;
+    let read = (|| {
+        Ok(Sequences {
+            send: queue_seq(fd, TCP_SEND_QUEUE)?,
+            receive: queue_seq(fd, TCP_RECV_QUEUE)?,
+        })
+    })();
+    set_tcp_option(fd, libc::TCP_REPAIR, TCP_REPAIR_OFF)?;
+    read
+}
+
+/// Bytes `fd` has sent that its peer has not acknowledged yet, plus any not sent (SIOCOUTQ).
+pub fn unacknowledged(fd: &impl AsRawFd) -> io::Result<usize> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(queued as usize)
+}
+
+/// Sends one TCP segment by hand (a raw socket, CAP_NET_RAW), as if `from` had sent it on
+/// its connection to `to`: ACK and PSH set, no options.
+pub fn send_segment(
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    seq: u32,
+    ack: u32,
+    payload: &[u8],
+) -> io::Result<()> {
+    let mut segment = Vec::with_capacity(20 + payload.len());
+    segment.extend_from_slice(&from.port().to_be_bytes());
+    segment.extend_from_slice(&to.port().to_be_bytes());
+    segment.extend_from_slice(&seq.to_be_bytes());
+    segment.extend_from_slice(&ack.to_be_bytes());
+    // Header length 5 words; flags ACK | PSH; the largest unscaled window.
+    segment.extend_from_slice(&[5 << 4, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    segment.extend_from_slice(payload);
+    let checksum = tcp_checksum(*from.ip(), *to.ip(), &segment);
+    segment[16..18].copy_from_slice(&checksum.to_be_bytes());
+
+    // SAFETY: plain socket call; the fd is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_TCP,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new socket nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = sockaddr(SocketAddrV4::new(*to.ip(), 0));
+    // SAFETY: segment and addr are valid for the lengths passed.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            segment.as_ptr().cast(),
+            segment.len(),
+            0,
+            std::ptr::from_ref(&addr).cast(),
+            SOCKADDR_LEN,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The TCP checksum over the IPv4 pseudo-header and the segment (RFC 793).
+fn tcp_checksum(source: Ipv4Addr, destination: Ipv4Addr, segment: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&source.octets());
+    pseudo.extend_from_slice(&destination.octets());
+    pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8]);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    let mut sum: u32 = pseudo
+        .chunks(2)
+        .chain(segment.chunks(2))
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

@@ -29,6 +29,7 @@ for_each_plane!(
     transfer::upstream_half_closes_first,
     transfer::concurrent_connections_of_random_sizes_verify,
     transfer::ipv6_client_reaches_ipv4_upstream,
+    transfer::overlapping_retransmission_goes_on_once,
     lifecycle::client_reset_reaches_upstream,
     lifecycle::upstream_reset_reaches_client,
     lifecycle::refused_upstream_closes_client,

@@ -8,8 +8,8 @@ use std::{
 };
 
 use integration_tests::{
-    Behaviour, Plane, Received, Relay, Upstream, exchange, full_listener, payload,
-    read_to_end_hashed,
+    Behaviour, Plane, Received, Relay, Upstream, exchange, full_listener, metric, payload, raw,
+    read_to_end_hashed, wait_until,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -41,6 +41,72 @@ pub fn sizes_verify_each_direction_and_both(plane: Plane) {
                 "{plane:?}: client->upstream, {up} up / {down} down"
             );
         }
+    }
+}
+
+/// A retransmitted segment that repeats bytes the relay already has, then carries new ones,
+/// goes on without the repeat. TCP queues such a segment whole and recv() skips the repeated
+/// head by sequence number; the kernel plane's program has to trim it itself. The client's
+/// own next segment then overlaps the new bytes too, the usual shape after a lost ACK.
+pub fn overlapping_retransmission_goes_on_once(plane: Plane) {
+    let upstream = Upstream::start(Behaviour::Exchange(Vec::new()));
+    let Some(relay) = Relay::start(
+        plane,
+        &upstream.relay_target(),
+        &["--metrics", "127.0.0.1:0"],
+    ) else {
+        return;
+    };
+    let data = payload(21, 256 << 10);
+    let (first, rest) = data.split_at(16 << 10);
+    let (repeat, new) = (1000, 3000);
+    let mut client = connect(&relay);
+    client.write_all(first).expect("send the first part");
+    // Once the relay has acknowledged it, the segment below overlaps bytes it holds.
+    assert!(
+        wait_until(DEADLINE, || raw::unacknowledged(&client).expect("SIOCOUTQ")
+            == 0),
+        "{plane:?}: the relay never acknowledged the first part"
+    );
+    let sequences = raw::sequences(&client).expect("read the client's sequence numbers");
+    let std::net::SocketAddr::V4(from) = client.local_addr().expect("client address") else {
+        unreachable!("the client connects over IPv4")
+    };
+    let std::net::SocketAddr::V4(to) = relay.addr else {
+        unreachable!("the relay listens on IPv4")
+    };
+    let mut segment = first[first.len() - repeat..].to_vec();
+    segment.extend_from_slice(&rest[..new]);
+    raw::send_segment(
+        from,
+        to,
+        sequences.send.wrapping_sub(repeat as u32),
+        sequences.receive,
+        &segment,
+    )
+    .expect("send the overlapping segment");
+    client.write_all(rest).expect("send the rest");
+    client.shutdown(Shutdown::Write).expect("half-close");
+    let got = upstream.next_result(DEADLINE).expect("upstream read");
+    assert_eq!(
+        got,
+        Received::of(&data),
+        "{plane:?}: bytes repeated or lost"
+    );
+    if plane == Plane::Kernel {
+        // At least the injected segment's repeat, counted once the connection has closed.
+        let trimmed = || {
+            metric(
+                &relay.scrape(),
+                "kernel_retransmitted_bytes_trimmed_total",
+                &[],
+            )
+        };
+        assert!(
+            wait_until(DEADLINE, || trimmed() >= repeat as u64),
+            "the program trimmed {} bytes, expected at least {repeat}",
+            trimmed()
+        );
     }
 }
 

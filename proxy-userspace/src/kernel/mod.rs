@@ -103,6 +103,8 @@ pub struct KernelDataPlane {
     backlog_limit: u64,
     /// Connections the map would not take, relayed in userspace instead.
     fallbacks: AtomicU64,
+    /// Repeated heads of retransmitted segments the program trimmed, over closed connections.
+    trimmed: AtomicU64,
     /// When the last "maps declined" warning was logged (coarse monotonic ns; 0: never):
     /// at most one a minute, however many connections are declined.
     declined_warned_ns: AtomicU64,
@@ -162,6 +164,7 @@ impl KernelDataPlane {
             watcher,
             backlog_limit,
             fallbacks: AtomicU64::new(0),
+            trimmed: AtomicU64::new(0),
             declined_warned_ns: AtomicU64::new(0),
             _ebpf: ebpf,
         }))
@@ -175,6 +178,11 @@ impl KernelDataPlane {
     /// Connections relayed in userspace because their sockets could not join the map.
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the program trimmed off retransmitted segments, over closed connections.
+    pub fn trimmed_bytes(&self) -> u64 {
+        self.trimmed.load(Ordering::Relaxed)
     }
 
     /// Entries currently in the socket map: what leak checks compare against zero.

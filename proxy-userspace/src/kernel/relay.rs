@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::{FlowControl, FlowState};
+use proxy_common::{FLOW_BROKEN, FlowControl, FlowState};
 use tracing::{debug, warn};
 
 use super::{
@@ -362,6 +362,12 @@ impl KernelConnection<'_> {
         };
         let (transfer, _) = self.activity();
         watchdog.report(transfer);
+        let trimmed =
+            self.state(&self.client).trimmed_bytes + self.state(&self.upstream).trimmed_bytes;
+        if trimmed > 0 {
+            self.plane.trimmed.fetch_add(trimmed, Ordering::Relaxed);
+            debug!("the program trimmed {trimmed} repeated bytes off retransmitted segments");
+        }
         if let Err(e) = &result {
             e.propagate_reset(&self.client.stream, &self.upstream.stream);
         }
@@ -398,6 +404,12 @@ impl KernelConnection<'_> {
                 return Err(LocalFlowError::Source(socket_error(&from.stream)));
             }
             let state = self.state(from);
+            if state.seq_state == FLOW_BROKEN {
+                return Err(LocalFlowError::Source(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a retransmitted segment repeats relayed bytes and could not be trimmed: reset rather than repeat or lose a byte",
+                )));
+            }
             if state.detached != 0 {
                 return self.copy_rest_in_userspace(from, to).await;
             }
