@@ -49,20 +49,31 @@ pub fn sizes_verify_each_direction_and_both(plane: Plane) {
 /// head by sequence number; the kernel plane's program has to trim it itself. The client's
 /// own next segment then overlaps the new bytes too, the usual shape after a lost ACK.
 pub fn overlapping_retransmission_goes_on_once(plane: Plane) {
-    let upstream = Upstream::start(Behaviour::Exchange(Vec::new()));
-    let Some(relay) = Relay::start(
-        plane,
-        &upstream.relay_target(),
-        &["--metrics", "127.0.0.1:0"],
-    ) else {
-        return;
-    };
     let data = payload(21, 256 << 10);
     let (first, rest) = data.split_at(16 << 10);
     let (repeat, new) = (1000, 3000);
+    // An upstream that says when the first part is through: the relay has then handed it on
+    // (for kernel mode, its program has seen it), so the overlap meets a running relay.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let target = listener.local_addr().expect("upstream address").to_string();
+    let (first_through, first_arrived) = std::sync::mpsc::channel();
+    let first_len = first.len();
+    let upstream = thread::spawn(move || {
+        let (mut stream, _) = listener.accept()?;
+        let mut all = vec![0u8; first_len];
+        stream.read_exact(&mut all)?;
+        let _ = first_through.send(());
+        stream.read_to_end(&mut all)?;
+        std::io::Result::Ok(Received::of(&all))
+    });
+    let Some(relay) = Relay::start(plane, &target, &["--metrics", "127.0.0.1:0"]) else {
+        return;
+    };
     let mut client = connect(&relay);
     client.write_all(first).expect("send the first part");
-    // Once the relay has acknowledged it, the segment below overlaps bytes it holds.
+    first_arrived
+        .recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| panic!("{plane:?}: the first part never reached the upstream"));
     assert!(
         wait_until(DEADLINE, || raw::unacknowledged(&client).expect("SIOCOUTQ")
             == 0),
@@ -87,7 +98,10 @@ pub fn overlapping_retransmission_goes_on_once(plane: Plane) {
     .expect("send the overlapping segment");
     client.write_all(rest).expect("send the rest");
     client.shutdown(Shutdown::Write).expect("half-close");
-    let got = upstream.next_result(DEADLINE).expect("upstream read");
+    let got = upstream
+        .join()
+        .expect("upstream thread")
+        .expect("upstream read");
     assert_eq!(
         got,
         Received::of(&data),
