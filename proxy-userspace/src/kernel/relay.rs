@@ -349,7 +349,7 @@ impl KernelConnection<'_> {
                         Err(e) => break Err(e.towards_client()),
                     },
                     _ = ticker.tick() => {
-                        let (transfer, idle_for) = self.activity();
+                        let Activity { transfer, idle_for, .. } = self.activity();
                         if let Err(expiry) = watchdog.check(transfer, Some(idle_for)) {
                             break Err(FlowError::Expired(expiry));
                         }
@@ -360,10 +360,10 @@ impl KernelConnection<'_> {
                 }
             }
         };
-        let (transfer, _) = self.activity();
+        let Activity {
+            transfer, trimmed, ..
+        } = self.activity();
         watchdog.report(transfer);
-        let trimmed =
-            self.state(&self.client).trimmed_bytes + self.state(&self.upstream).trimmed_bytes;
         if trimmed > 0 {
             self.plane.trimmed.fetch_add(trimmed, Ordering::Relaxed);
             debug!("the program trimmed {trimmed} repeated bytes off retransmitted segments");
@@ -374,9 +374,9 @@ impl KernelConnection<'_> {
         result.map(|()| transfer)
     }
 
-    /// Bytes each way (counted by the program, plus what userspace moved) and how long
-    /// the program has seen no packet on either socket.
-    fn activity(&self) -> (Transfer, Duration) {
+    /// What the program counted for both flows, plus what userspace moved: one map read
+    /// per flow.
+    fn activity(&self) -> Activity {
         let (client, upstream) = (self.state(&self.client), self.state(&self.upstream));
         let transfer = Transfer {
             client_to_upstream: client.redirected_bytes + self.client.moved.load(Ordering::Acquire),
@@ -384,8 +384,11 @@ impl KernelConnection<'_> {
                 + self.upstream.moved.load(Ordering::Acquire),
         };
         let last_packet = client.last_active_ns.max(upstream.last_active_ns);
-        let idle_for = Duration::from_nanos(sys::monotonic_coarse_ns().saturating_sub(last_packet));
-        (transfer, idle_for)
+        Activity {
+            transfer,
+            idle_for: Duration::from_nanos(sys::monotonic_coarse_ns().saturating_sub(last_packet)),
+            trimmed: client.trimmed_bytes + upstream.trimmed_bytes,
+        }
     }
 
     /// Carries one direction until its source's EOF has reached the destination.
@@ -676,6 +679,16 @@ fn resized_send_buffer(current: libc::c_int, drained: u64, since_ns: u64) -> Opt
     let wanted = (u128::from(drained) * span_ns / u128::from(since_ns.max(1)))
         .clamp(SEND_BUFFER as u128, SEND_BUFFER_MAX as u128) as libc::c_int;
     (wanted > current || wanted < current / 2).then_some(wanted)
+}
+
+/// A connection's progress as the program counted it (see `activity`).
+struct Activity {
+    /// Bytes each way, redirected or moved by userspace.
+    transfer: Transfer,
+    /// How long the program has seen no packet on either socket.
+    idle_for: Duration,
+    /// Repeated heads of retransmitted segments trimmed, both ways.
+    trimmed: u64,
 }
 
 /// One measurement of a flow's destination (see `peer_backlog`).
