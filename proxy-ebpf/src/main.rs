@@ -131,7 +131,7 @@ fn trim_repeated_head(ctx: &SkBuffContext, flow: &mut FlowState) -> Option<u32> 
     let seq = ctx.cb()[0];
     let end = seq.wrapping_add(len);
     if flow.seq_state == SEQ_UNKNOWN {
-        // Userspace never reads part of a segment before the socket joins the map.
+        // Not seeded by userspace, so it read nothing before the socket joined the map.
         flow.seq_state = SEQ_TRACKED;
         flow.next_seq = end;
         return Some(len);

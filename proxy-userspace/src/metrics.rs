@@ -170,13 +170,14 @@ impl Metrics {
                 })
             }),
         );
-        let (sockets, fallbacks, trimmed) = match &self.plane {
-            DataPlane::Kernel(kernel) => (
-                kernel.socket_entries() as u64,
-                kernel.fallbacks(),
-                kernel.trimmed_bytes(),
+        let (sockets, fallbacks, trimmed, promoted) = match &self.plane {
+            DataPlane::Kernel { plane, .. } => (
+                plane.socket_entries() as u64,
+                plane.fallbacks(),
+                plane.trimmed_bytes(),
+                plane.promotions(),
             ),
-            _ => (0, 0, 0),
+            _ => (0, 0, 0, 0),
         };
         family(
             "dataplane_info",
@@ -195,6 +196,12 @@ impl Metrics {
             "counter",
             "Connections relayed in userspace because the sockhash did not take them.",
             &mut std::iter::once((String::new(), fallbacks)),
+        );
+        family(
+            "kernel_promoted_total",
+            "counter",
+            "Connections (auto) that moved into the kernel after their userspace warm-up.",
+            &mut std::iter::once((String::new(), promoted)),
         );
         family(
             "kernel_retransmitted_bytes_trimmed_total",

@@ -74,6 +74,12 @@ pub fn set_send_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> 
         .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &bytes))
 }
 
+/// TCP_WINDOW_CLAMP: the largest window this socket may advertise. Autotuning lowers it as
+/// it sizes the receive buffer, and a receive buffer fixed later does not raise it again.
+pub fn set_window_clamp(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, &bytes)
+}
+
 /// Returns only after any softirq that is processing a packet for this socket has finished
 /// (TCP_INFO takes the socket lock), so every byte the program counted is queued by then.
 pub fn socket_barrier(fd: &impl AsRawFd) -> io::Result<()> {
@@ -108,6 +114,58 @@ pub fn unacked_or_unsent(fd: &impl AsRawFd) -> io::Result<u64> {
     // SAFETY: outq is valid for the kernel to write.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) })?;
     Ok(outq as u64)
+}
+
+/// SIOCINQ: bytes in the receive queue, in order, not read yet (a FIN not counted). The
+/// queue ends where a segment ends, so reading exactly this many leaves no segment half read.
+pub fn unread(fd: &impl AsRawFd) -> io::Result<usize> {
+    let mut inq: libc::c_int = 0;
+    // SAFETY: inq is valid for the kernel to write.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut inq) })?;
+    Ok(inq as usize)
+}
+
+/// include/uapi/linux/tcp.h: repair mode, and reading a queue's sequence number in it.
+const TCP_REPAIR: libc::c_int = 19;
+const TCP_REPAIR_QUEUE: libc::c_int = 20;
+const TCP_QUEUE_SEQ: libc::c_int = 21;
+const TCP_RECV_QUEUE: libc::c_int = 1;
+/// Leaves repair mode without the window probe plain TCP_REPAIR_OFF sends.
+const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+
+/// The sequence number of the next byte recv() would return (the kernel's copied_seq):
+/// rcv_nxt, read in repair mode (CAP_NET_ADMIN), minus what is queued unread. Both move as
+/// segments arrive, so the queue is measured before and after, until no segment came
+/// between.
+pub fn next_unread_sequence(fd: &impl AsRawFd) -> io::Result<u32> {
+    setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &1)?;
+    let measured = (|| {
+        setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, &TCP_RECV_QUEUE)?;
+        for _ in 0..16 {
+            let before = unread(fd)?;
+            let mut rcv_nxt = 0u32;
+            let mut len = size_of::<u32>() as libc::socklen_t;
+            // SAFETY: rcv_nxt and len are valid for the kernel to write.
+            check(unsafe {
+                libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    TCP_QUEUE_SEQ,
+                    std::ptr::from_mut(&mut rcv_nxt).cast(),
+                    &mut len,
+                )
+            })?;
+            if unread(fd)? == before {
+                return Ok(rcv_nxt.wrapping_sub(before as u32));
+            }
+        }
+        Err(io::Error::other(
+            "segments kept arriving while the receive queue was measured",
+        ))
+    })();
+    let left = setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP);
+    let sequence = measured?;
+    left.map(|()| sequence)
 }
 
 pub struct TcpInfo {

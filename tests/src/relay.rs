@@ -14,14 +14,22 @@ use std::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Plane {
     Kernel,
+    /// The default: kernel after a userspace warm-up per connection (splice without BPF).
+    Auto,
     Splice,
     Copy,
 }
 
 impl Plane {
+    /// Whether connections end up in the sockhash (for auto, when BPF is required to load).
+    pub fn uses_kernel(self) -> bool {
+        self == Self::Kernel || (self == Self::Auto && bpf_required())
+    }
+
     pub fn arg(self) -> &'static str {
         match self {
             Self::Kernel => "kernel",
+            Self::Auto => "auto",
             Self::Splice => "splice",
             Self::Copy => "copy",
         }

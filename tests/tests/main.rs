@@ -1,5 +1,5 @@
 //! Integration tests against the real kernel: the `ebpf-proxy` binary relays real sockets
-//! over loopback. Every data-plane behaviour runs once per data plane (kernel, splice,
+//! over loopback. Every data-plane behaviour runs once per data plane (kernel, auto, splice,
 //! copy); kernel-mode cases skip unless BPF loads, or fail when PROXY_REQUIRE_BPF=1.
 
 mod cli;
@@ -17,6 +17,7 @@ use integration_tests::Plane;
 macro_rules! for_each_plane {
     ($($module:ident :: $case:ident),* $(,)?) => {
         mod kernel { $( #[test] fn $case() { crate::$module::$case(crate::Plane::Kernel) } )* }
+        mod auto { $( #[test] fn $case() { crate::$module::$case(crate::Plane::Auto) } )* }
         mod splice { $( #[test] fn $case() { crate::$module::$case(crate::Plane::Splice) } )* }
         mod copy { $( #[test] fn $case() { crate::$module::$case(crate::Plane::Copy) } )* }
     };
@@ -46,6 +47,11 @@ for_each_plane!(
 #[test]
 fn kernel_falls_back_when_a_fin_came_first() {
     transfer::kernel_falls_back_when_a_fin_came_first();
+}
+
+#[test]
+fn auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_kernel() {
+    transfer::auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_kernel();
 }
 
 #[test]

@@ -8,8 +8,8 @@ use std::{
 };
 
 use integration_tests::{
-    Behaviour, Plane, Received, Relay, Upstream, exchange, full_listener, metric, payload, raw,
-    read_to_end_hashed, wait_until,
+    Behaviour, Expect, HeaderEcho, Plane, Received, Relay, Upstream, bpf_required, echo_round_trip,
+    exchange, full_listener, metric, payload, raw, read_to_end_hashed, wait_until,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -255,6 +255,78 @@ pub fn kernel_falls_back_when_a_fin_came_first() {
         fallbacks, 1,
         "the connection was expected to take the userspace fallback"
     );
+}
+
+/// `auto`'s rule (README, "How it works"): a connection that ends within its warm-up never
+/// enters the sockhash; one that outlives it, or carries a bulk of bytes, moves in once,
+/// mid-stream, without losing or repeating a byte.
+pub fn auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_kernel() {
+    let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
+    let Some(relay) = Relay::start(
+        Plane::Auto,
+        &echo.addr.to_string(),
+        &["--metrics", "127.0.0.1:0"],
+    ) else {
+        return;
+    };
+    if !relay.scrape().contains("dataplane=\"kernel\"") {
+        assert!(!bpf_required(), "auto did not load the kernel data plane");
+        eprintln!("SKIPPED: auto runs without the kernel data plane here");
+        return;
+    }
+    let listener = relay.addr.to_string();
+    let value = |name| metric(&relay.scrape(), name, &[]);
+    let open = || {
+        metric(
+            &relay.scrape(),
+            "connections_open",
+            &[("listener", &listener)],
+        )
+    };
+    for i in 0..50 {
+        let mut client = connect(&relay);
+        let request = payload(70 + i, 64);
+        assert_eq!(echo_round_trip(&mut client, &request), request);
+    }
+    assert!(wait_until(DEADLINE, || open() == 0));
+    assert_eq!(
+        value("kernel_promoted_total"),
+        0,
+        "a short connection entered the kernel"
+    );
+    // Quiet but long: the warm-up's clock hands it over.
+    let mut client = connect(&relay);
+    assert_eq!(echo_round_trip(&mut client, b"x"), b"x");
+    assert!(
+        wait_until(DEADLINE, || value("kernel_promoted_total") == 1),
+        "a connection past its warm-up stayed in userspace"
+    );
+    assert_eq!(value("kernel_sockets"), 2);
+    let later = payload(80, 1 << 20);
+    assert_eq!(
+        exchange(client, later.clone()).expect("echo"),
+        Received::of(&later)
+    );
+    // A bulk transfer from the first byte: handed over mid-stream, both ways at once.
+    let bulk = payload(81, 16 << 20);
+    assert_eq!(
+        exchange(connect(&relay), bulk.clone()).expect("echo"),
+        Received::of(&bulk)
+    );
+    assert_eq!(value("kernel_promoted_total"), 2);
+    assert!(wait_until(DEADLINE, || open() == 0));
+    assert_eq!(value("kernel_sockets"), 0, "sockhash entries left behind");
+    let text = relay.scrape();
+    let bytes = |direction| {
+        metric(
+            &text,
+            "bytes_total",
+            &[("listener", &listener), ("direction", direction)],
+        )
+    };
+    let expected = 50 * 64 + 1 + later.len() as u64 + bulk.len() as u64;
+    assert_eq!(bytes("client_to_upstream"), expected);
+    assert_eq!(bytes("upstream_to_client"), expected);
 }
 
 pub fn ipv6_client_reaches_ipv4_upstream(plane: Plane) {

@@ -5,9 +5,9 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::watch};
 
-use super::DirectionError;
+use super::{DirectionError, warm_up::WARM_UP_BYTES};
 use crate::sys;
 
 /// Per-direction buffer: with the socket buffers, the whole of what one direction holds.
@@ -36,6 +36,85 @@ pub async fn forward(
     }
     sys::shutdown_write(to).map_err(DirectionError::Destination)?;
     Ok(total)
+}
+
+/// Where [`forward_until`] stopped.
+pub enum Stop {
+    /// EOF came and `to`'s write side is shut.
+    Eof,
+    /// Asked to pause: every byte read went out, and `whole_segments` says no segment was
+    /// left half read (false only if the receive queue did not hold what it announced).
+    Paused { whole_segments: bool },
+}
+
+/// Like [`forward`], until `paused` turns true: then reads exactly what the receive queue
+/// holds, forwards it and stops. Asks both directions to pause (through `pause`) once this
+/// one has moved [`WARM_UP_BYTES`]. A chunk's buffer lives only while it moves, so a quiet
+/// connection holds none.
+pub async fn forward_until(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &AtomicU64,
+    mut paused: watch::Receiver<bool>,
+    pause: &watch::Sender<bool>,
+) -> Result<Stop, DirectionError> {
+    let mut total = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            // Err only if the sender is gone: pausing is still safe. The guard the wait
+            // returns must not live across the drain's awaits (it is not Send).
+            () = async { drop(paused.wait_for(|paused| *paused).await) } => {
+                let whole_segments = drain_whole_segments(from, to, moved).await?;
+                return Ok(Stop::Paused { whole_segments });
+            }
+            ready = from.readable() => ready.map_err(DirectionError::Source)?,
+        }
+        let mut buf = vec![0u8; COPY_BUFFER];
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => {
+                sys::shutdown_write(to).map_err(DirectionError::Destination)?;
+                return Ok(Stop::Eof);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(DirectionError::Source(e)),
+        };
+        write_all(to, &buf[..n]).await?;
+        total += n as u64;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        if total >= WARM_UP_BYTES {
+            pause.send_replace(true);
+        }
+    }
+}
+
+/// Forwards exactly the bytes `from`'s receive queue holds now. The queue ends where a
+/// segment ends, so this leaves none half read for the verdict program (which is handed
+/// whole segments) to see twice; segments arriving meanwhile are left whole. Returns false
+/// if the queue held less than it announced.
+async fn drain_whole_segments(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &AtomicU64,
+) -> Result<bool, DirectionError> {
+    let mut left = sys::unread(from).map_err(DirectionError::Source)?;
+    let mut buf = vec![0u8; left.min(COPY_BUFFER)];
+    while left > 0 {
+        let want = left.min(buf.len());
+        // tokio's try_read would trust its own readiness flag; ask the socket.
+        let n = match sys::recv_nonblocking(from, &mut buf[..want]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DirectionError::Source(e)),
+        };
+        write_all(to, &buf[..n]).await?;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        left -= n;
+    }
+    Ok(true)
 }
 
 async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> Result<(), DirectionError> {

@@ -7,6 +7,7 @@
 mod copy;
 mod splice;
 mod stream;
+mod warm_up;
 mod watchdog;
 
 use std::{
@@ -22,6 +23,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 pub use stream::relay_streams;
+pub use warm_up::{WARM_UP, WARM_UP_BYTES};
 pub use watchdog::{Expiry, Supervision, Watchdog};
 
 use crate::{kernel::KernelDataPlane, sys};
@@ -29,7 +31,8 @@ use crate::{kernel::KernelDataPlane, sys};
 /// Which data plane the operator asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DataPlaneChoice {
-    /// kernel when the eBPF program loads, otherwise splice
+    /// kernel when the eBPF program loads, after a short userspace warm-up per connection;
+    /// otherwise splice
     Auto,
     /// sockhash + sk_skb verdict program: bytes never reach userspace
     Kernel,
@@ -42,7 +45,12 @@ pub enum DataPlaneChoice {
 /// The data plane in use, after `auto` was resolved at start.
 #[derive(Clone)]
 pub enum DataPlane {
-    Kernel(Arc<KernelDataPlane>),
+    /// `warm_up`: each connection starts in userspace and moves into the kernel once it
+    /// proves long (`auto`); otherwise it goes straight in.
+    Kernel {
+        plane: Arc<KernelDataPlane>,
+        warm_up: bool,
+    },
     Splice,
     Copy,
 }
@@ -50,7 +58,7 @@ pub enum DataPlane {
 impl DataPlane {
     pub fn name(&self) -> &'static str {
         match self {
-            Self::Kernel(_) => "kernel",
+            Self::Kernel { .. } => "kernel",
             Self::Splice => "splice",
             Self::Copy => "copy",
         }
@@ -66,27 +74,52 @@ impl DataPlane {
         match self {
             Self::Copy => relay_userspace(client, upstream, false, supervision).await,
             Self::Splice => relay_userspace(client, upstream, true, supervision).await,
-            Self::Kernel(kernel) => {
-                let client = client.into_std().map_err(FlowError::Client)?;
-                let upstream = upstream.into_std().map_err(FlowError::Upstream)?;
-                match kernel.relay(client, upstream, supervision).await {
-                    Ok(result) => result,
-                    Err(declined) => {
-                        let Some((client, upstream)) = declined.sockets else {
-                            warn!(
-                                "connection dropped: kernel data plane declined it and its sockets could not be duplicated: {}",
-                                declined.reason
-                            );
-                            return Err(FlowError::Client(io::Error::other(declined.reason)));
-                        };
-                        debug!("relaying in userspace (splice): {}", declined.reason);
-                        let client = TcpStream::from_std(client).map_err(FlowError::Client)?;
-                        let upstream =
-                            TcpStream::from_std(upstream).map_err(FlowError::Upstream)?;
-                        relay_userspace(client, upstream, true, supervision).await
+            Self::Kernel { plane, warm_up } => {
+                let mut before = Transfer::default();
+                if *warm_up {
+                    match warm_up::relay_until_promoted(&client, &upstream, supervision).await {
+                        warm_up::WarmUp::Done(result) => return result,
+                        warm_up::WarmUp::Promote(moved) => {
+                            plane.count_promotion();
+                            before = moved;
+                        }
                     }
                 }
+                let read_before = *warm_up;
+                relay_in_kernel(plane, client, upstream, supervision, read_before)
+                    .await
+                    .map(|transfer| transfer.after(before))
             }
+        }
+    }
+}
+
+async fn relay_in_kernel(
+    kernel: &KernelDataPlane,
+    client: TcpStream,
+    upstream: TcpStream,
+    supervision: &Supervision,
+    read_before: bool,
+) -> Result<Transfer, FlowError> {
+    let client = client.into_std().map_err(FlowError::Client)?;
+    let upstream = upstream.into_std().map_err(FlowError::Upstream)?;
+    match kernel
+        .relay(client, upstream, supervision, read_before)
+        .await
+    {
+        Ok(result) => result,
+        Err(declined) => {
+            let Some((client, upstream)) = declined.sockets else {
+                warn!(
+                    "connection dropped: kernel data plane declined it and its sockets could not be duplicated: {}",
+                    declined.reason
+                );
+                return Err(FlowError::Client(io::Error::other(declined.reason)));
+            };
+            debug!("relaying in userspace (splice): {}", declined.reason);
+            let client = TcpStream::from_std(client).map_err(FlowError::Client)?;
+            let upstream = TcpStream::from_std(upstream).map_err(FlowError::Upstream)?;
+            relay_userspace(client, upstream, true, supervision).await
         }
     }
 }
@@ -96,6 +129,16 @@ impl DataPlane {
 pub struct Transfer {
     pub client_to_upstream: u64,
     pub upstream_to_client: u64,
+}
+
+impl Transfer {
+    /// These bytes, following `earlier` on the same connection.
+    fn after(self, earlier: Transfer) -> Transfer {
+        Transfer {
+            client_to_upstream: earlier.client_to_upstream + self.client_to_upstream,
+            upstream_to_client: earlier.upstream_to_client + self.upstream_to_client,
+        }
+    }
 }
 
 /// Bytes each direction has moved so far, updated as they move.

@@ -105,6 +105,8 @@ pub struct KernelDataPlane {
     fallbacks: AtomicU64,
     /// Repeated heads of retransmitted segments the program trimmed, over closed connections.
     trimmed: AtomicU64,
+    /// Connections that joined the maps after a userspace warm-up (`auto`).
+    promoted: AtomicU64,
     /// When the last "maps declined" warning was logged (coarse monotonic ns; 0: never):
     /// at most one a minute, however many connections are declined.
     declined_warned_ns: AtomicU64,
@@ -165,6 +167,7 @@ impl KernelDataPlane {
             backlog_limit,
             fallbacks: AtomicU64::new(0),
             trimmed: AtomicU64::new(0),
+            promoted: AtomicU64::new(0),
             declined_warned_ns: AtomicU64::new(0),
             _ebpf: ebpf,
         }))
@@ -183,6 +186,15 @@ impl KernelDataPlane {
     /// Bytes the program trimmed off retransmitted segments, over closed connections.
     pub fn trimmed_bytes(&self) -> u64 {
         self.trimmed.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection that moves into the maps after its userspace warm-up.
+    pub fn count_promotion(&self) {
+        self.promoted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn promotions(&self) -> u64 {
+        self.promoted.load(Ordering::Relaxed)
     }
 
     /// Entries currently in the socket map: what leak checks compare against zero.

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::{FLOW_BROKEN, FlowControl, FlowState};
+use proxy_common::{FLOW_BROKEN, FlowControl, FlowState, SEQ_TRACKED};
 use tracing::{debug, warn};
 
 use super::{
@@ -94,6 +94,9 @@ struct Side {
     cookie: u64,
     signals: std::sync::Arc<SocketSignals>,
     in_map: bool,
+    /// Sequence number of the first byte userspace has not read, when it read any before
+    /// the socket joined the map.
+    unread_from: Option<u32>,
     /// Optional epoll interest (READABLE/WRITABLE) wanted by the two flows touching it.
     interest: AtomicU32,
     /// Bytes userspace moved from this socket to its peer.
@@ -124,13 +127,18 @@ struct KernelConnection<'a> {
 impl KernelDataPlane {
     /// Relays one connection in the kernel. Gives the sockets back untouched when they
     /// cannot join the map at all, so the caller can relay them in userspace instead.
+    /// `read_before`: userspace has read from the sockets, so the program must be told where
+    /// their unread bytes begin (see `join_maps`).
     pub async fn relay(
         &self,
         client: TcpStream,
         upstream: TcpStream,
         supervision: &Supervision,
+        read_before: bool,
     ) -> Result<Result<Transfer, FlowError>, Declined> {
-        let connection = self.join_maps(client, upstream).inspect_err(|declined| {
+        let connection = self
+            .join_maps(client, upstream, read_before)
+            .inspect_err(|declined| {
             let total = self.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
             // A FIN that beat the setup is routine; a map that refuses entries is news,
             // worth a line a minute at most.
@@ -158,6 +166,7 @@ impl KernelDataPlane {
         &self,
         client: TcpStream,
         upstream: TcpStream,
+        read_before: bool,
     ) -> Result<KernelConnection<'_>, Declined> {
         // One TCP_INFO per socket gives both its state and its acked bytes.
         let established_queued_total = |stream: &TcpStream| {
@@ -167,15 +176,33 @@ impl KernelDataPlane {
             }
             Ok(info.bytes_acked + sys::unacked_or_unsent(stream)?)
         };
+        // The program is handed whole segments, and after userspace has read, the first one
+        // may begin with bytes already read: a segment TCP merged new bytes into while it was
+        // half read, or a retransmission. Starting from the next unread byte's sequence
+        // number, the program trims them off.
+        let unread_from = |stream: &TcpStream| {
+            read_before
+                .then(|| sys::next_unread_sequence(stream))
+                .transpose()
+        };
         let prepared = (|| {
             Ok((
                 sys::socket_cookie(&client)?,
                 sys::socket_cookie(&upstream)?,
                 established_queued_total(&client)?,
                 established_queued_total(&upstream)?,
+                unread_from(&client)?,
+                unread_from(&upstream)?,
             ))
         })();
-        let (client_cookie, upstream_cookie, client_queued, upstream_queued) = match prepared {
+        let (
+            client_cookie,
+            upstream_cookie,
+            client_queued,
+            upstream_queued,
+            client_seq,
+            upstream_seq,
+        ) = match prepared {
             Ok(v) => v,
             Err(e) => return Err(Declined::intact(client, upstream, e)),
         };
@@ -191,11 +218,12 @@ impl KernelDataPlane {
                 return Err(Declined::intact(client, upstream, e.into()));
             }
         };
-        let side = |stream, cookie, signals, peer_queued| Side {
+        let side = |stream, cookie, signals, peer_queued, unread_from| Side {
             stream,
             cookie,
             signals,
             in_map: false,
+            unread_from,
             interest: AtomicU32::new(0),
             moved: AtomicU64::new(0),
             peer_userspace: AtomicU64::new(peer_queued),
@@ -205,8 +233,20 @@ impl KernelDataPlane {
             drained_mark: AtomicU64::new(0),
             drained_mark_ns: AtomicU64::new(sys::monotonic_coarse_ns()),
         };
-        let client_side = side(client, client_cookie, client_signals, upstream_queued);
-        let upstream_side = side(upstream, upstream_cookie, upstream_signals, client_queued);
+        let client_side = side(
+            client,
+            client_cookie,
+            client_signals,
+            upstream_queued,
+            client_seq,
+        );
+        let upstream_side = side(
+            upstream,
+            upstream_cookie,
+            upstream_signals,
+            client_queued,
+            upstream_seq,
+        );
         let mut connection = KernelConnection {
             plane: self,
             client: client_side,
@@ -224,6 +264,7 @@ impl KernelDataPlane {
             .into_iter()
             .try_for_each(|stream| {
                 sys::set_receive_buffer(stream, RECEIVE_BUFFER)?;
+                sys::set_window_clamp(stream, 2 * RECEIVE_BUFFER)?;
                 sys::set_send_buffer(stream, SEND_BUFFER)?;
                 sys::set_receive_low_water(stream, HOLD_LOW_WATER)
             });
@@ -262,8 +303,16 @@ impl KernelConnection<'_> {
                 peer_cookie: to.cookie,
                 ..FlowControl::default()
             };
+            let state = match from.unread_from {
+                Some(next_seq) => FlowState {
+                    next_seq,
+                    seq_state: SEQ_TRACKED,
+                    ..FlowState::default()
+                },
+                None => FlowState::default(),
+            };
             maps.flows
-                .insert(from.cookie, FlowState::default(), 0)
+                .insert(from.cookie, state, 0)
                 .map_err(io::Error::other)?;
             maps.controls
                 .insert(from.cookie, control, 0)

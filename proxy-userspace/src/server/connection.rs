@@ -363,10 +363,11 @@ pub async fn report_status_on_sigusr1(
     while usr1.recv().await.is_some() {
         let connections = open.load(Ordering::Relaxed);
         let kernel = match &plane {
-            DataPlane::Kernel(kernel) => format!(
-                " sockets_in_map={} userspace_fallbacks={}",
-                kernel.socket_entries(),
-                kernel.fallbacks()
+            DataPlane::Kernel { plane, .. } => format!(
+                " sockets_in_map={} userspace_fallbacks={} promoted={}",
+                plane.socket_entries(),
+                plane.fallbacks(),
+                plane.promotions()
             ),
             _ => String::new(),
         };

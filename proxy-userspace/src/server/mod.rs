@@ -73,11 +73,15 @@ pub fn choose_data_plane(config: &Config) -> Result<DataPlane, RelayError> {
     match config.dataplane {
         DataPlaneChoice::Copy => Ok(DataPlane::Copy),
         DataPlaneChoice::Splice => Ok(DataPlane::Splice),
-        DataPlaneChoice::Kernel => Ok(DataPlane::Kernel(KernelDataPlane::load(
-            config.max_sockets(),
-        )?)),
+        DataPlaneChoice::Kernel => Ok(DataPlane::Kernel {
+            plane: KernelDataPlane::load(config.max_sockets())?,
+            warm_up: false,
+        }),
         DataPlaneChoice::Auto => match KernelDataPlane::load(config.max_sockets()) {
-            Ok(kernel) => Ok(DataPlane::Kernel(kernel)),
+            Ok(plane) => Ok(DataPlane::Kernel {
+                plane,
+                warm_up: true,
+            }),
             Err(e) => {
                 warn!("kernel data plane unavailable, relaying with splice instead: {e}");
                 Ok(DataPlane::Splice)
@@ -403,7 +407,7 @@ impl Server {
     }
 
     fn check_map_size(&self) {
-        if let DataPlane::Kernel(_) = self.plane
+        if let DataPlane::Kernel { .. } = self.plane
             && self.config.limits.max_connections > self.map_connections
         {
             warn!(
@@ -477,7 +481,7 @@ const RESERVED_FDS: u64 = 64;
 fn fd_budget(plane: &DataPlane, listeners: usize) -> u32 {
     let per_connection = match plane {
         DataPlane::Splice => 6,
-        DataPlane::Kernel(_) | DataPlane::Copy => 2,
+        DataPlane::Kernel { .. } | DataPlane::Copy => 2,
     };
     let (Ok(limit), Ok(open)) = (crate::sys::raise_fd_limit(), crate::sys::open_fds()) else {
         return u32::MAX;

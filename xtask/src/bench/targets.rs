@@ -30,9 +30,11 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Direct,
         Self::Relay("kernel"),
+        // The default: kernel after a userspace warm-up per connection.
+        Self::Relay("auto"),
         Self::Relay("splice"),
         Self::Relay("copy"),
         Self::Haproxy { splice: true },
