@@ -138,6 +138,9 @@ const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
 /// segments arrive, so the queue is measured before and after, until no segment came
 /// between.
 pub fn next_unread_sequence(fd: &impl AsRawFd) -> io::Result<u32> {
+    // Leaving repair mode clears SO_REUSEADDR; a relayed socket's TIME_WAIT without it
+    // would keep the listener's port from being bound again for a minute.
+    let reuse = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
     setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &1)?;
     let measured = (|| {
         setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, &TCP_RECV_QUEUE)?;
@@ -163,9 +166,26 @@ pub fn next_unread_sequence(fd: &impl AsRawFd) -> io::Result<u32> {
             "segments kept arriving while the receive queue was measured",
         ))
     })();
-    let left = setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP);
+    let left = setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP)
+        .and_then(|()| setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &reuse));
     let sequence = measured?;
     left.map(|()| sequence)
+}
+
+fn getsockopt_int(fd: &impl AsRawFd, level: i32, name: i32) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are valid for the kernel to write.
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_mut(&mut value).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
 }
 
 pub struct TcpInfo {

@@ -9,7 +9,8 @@ use std::{
 };
 
 use integration_tests::{
-    Behaviour, Plane, Relay, Upstream, full_listener, is_root, payload, reset, wait_until,
+    Behaviour, Plane, Relay, Upstream, bpf_required, free_port, full_listener, is_root, metric,
+    payload, reset, wait_until,
 };
 
 /// How soon a reset or a refusal must reach the other side.
@@ -125,6 +126,72 @@ pub fn stops_cleanly_on_sigterm_and_sigint(plane: Plane) {
             "connection closed by the stop"
         );
     }
+}
+
+/// Connections whose end the relay sent first leave TIME_WAIT sockets on the listener's
+/// port; a restart (`systemctl restart`) must bind it again at once. With auto, the
+/// connections first move into the kernel, which reads their sequence numbers in repair
+/// mode: leaving it clears SO_REUSEADDR unless the relay restores it.
+pub fn restarts_on_its_port_at_once(plane: Plane) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let target = upstream.local_addr().expect("upstream address").to_string();
+    let Some(relay) = Relay::start_on(plane, &listen, &target, &["--metrics", "127.0.0.1:0"])
+    else {
+        return;
+    };
+    let mut pairs = Vec::new();
+    for _ in 0..4 {
+        let mut client = TcpStream::connect(relay.addr).expect("connect");
+        let (mut server, _) = upstream.accept().expect("relayed connection");
+        let mut byte = [0u8; 1];
+        client.write_all(b"x").expect("send");
+        server.read_exact(&mut byte).expect("relayed up");
+        server.write_all(b"y").expect("reply");
+        client.read_exact(&mut byte).expect("relayed down");
+        pairs.push((client, server));
+    }
+    if plane == Plane::Auto && bpf_required() {
+        assert!(
+            wait_until(Duration::from_secs(10), || metric(
+                &relay.scrape(),
+                "kernel_promoted_total",
+                &[]
+            ) == 4),
+            "the connections did not move into the kernel"
+        );
+    }
+    // The upstream ends each connection, so the relay's FIN to the client goes first.
+    for (mut client, server) in pairs {
+        drop(server);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).expect("orderly end");
+        assert!(rest.is_empty());
+    }
+    let port = relay.addr.port();
+    assert!(
+        wait_until(Duration::from_secs(10), || time_wait_sockets(port) > 0),
+        "{plane:?}: no TIME_WAIT socket on the relay's port: the test would prove nothing"
+    );
+    let (status, log) = relay.stop(libc::SIGINT);
+    assert!(status.success(), "{plane:?}: {status}\n{}", log.join("\n"));
+    assert!(time_wait_sockets(port) > 0);
+    // Panics with the relay's output if it cannot listen.
+    Relay::start_on(plane, &listen, &target, &[]);
+}
+
+/// TIME_WAIT sockets (state 06 in /proc/net/tcp) whose local port is `port`.
+fn time_wait_sockets(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!(":{port:04X} ");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3 && format!("{} ", fields[1]).ends_with(&local) && fields[3] == "06"
+        })
+        .count()
 }
 
 /// Lines of `bpftool OBJECT show` naming the relay's objects.

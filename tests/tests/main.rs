@@ -36,6 +36,7 @@ for_each_plane!(
     lifecycle::refused_upstream_closes_client,
     lifecycle::silent_upstream_closes_client_after_timeout,
     lifecycle::stops_cleanly_on_sigterm_and_sigint,
+    lifecycle::restarts_on_its_port_at_once,
     resources::sequential_connections_leave_nothing_behind,
     resources::slow_reader_memory_is_bounded,
     parity::metrics_count_the_bytes_sent,
