@@ -194,65 +194,85 @@ fn time_wait_sockets(port: u16) -> usize {
         .count()
 }
 
-/// Lines of `bpftool OBJECT show` naming the relay's objects.
-fn bpftool_count(object: &str, names: &[&str]) -> usize {
-    let output = Command::new("bpftool")
-        .args([object, "show"])
-        .output()
-        .expect("bpftool is needed for this test (apt-get install bpftool)");
-    assert!(
-        output.status.success(),
-        "bpftool {object} show failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| names.iter().any(|n| l.contains(&format!("name {n} "))))
-        .count()
-}
-
-fn relay_programs() -> usize {
-    bpftool_count("prog", &["relay_verdict"])
-}
-
-fn relay_maps() -> usize {
-    bpftool_count(
-        "map",
-        &[
-            "RELAY_SOCKETS",
-            "RELAY_FLOWS",
-            "RELAY_CONTROLS",
-            "RELAY_EVENTS",
-        ],
-    )
-}
-
 pub fn bpf_program_is_listed_while_running_and_gone_after() {
     if !is_root() && !integration_tests::bpf_required() {
         eprintln!("SKIPPED: bpftool needs root");
         return;
     }
-    let (programs, maps) = (relay_programs(), relay_maps());
     let upstream = Upstream::start(Behaviour::Exchange(Vec::new()));
     let Some(relay) = Relay::start(Plane::Kernel, &upstream.relay_target(), &[]) else {
         return;
     };
+    // By the ids this relay holds descriptors for: other tests' relays come and go meanwhile.
+    let (programs, maps) = bpf_ids(relay.pid());
+    let names = |object, ids: &[u32]| {
+        let mut names: Vec<String> = ids
+            .iter()
+            .filter_map(|&id| bpftool_name(object, id))
+            .collect();
+        names.sort();
+        names
+    };
     assert_eq!(
-        relay_programs(),
-        programs + 1,
+        names("prog", &programs),
+        ["relay_verdict"],
         "bpftool prog show lists the relay's sk_skb program"
     );
     assert_eq!(
-        relay_maps(),
-        maps + 4,
-        "bpftool map show lists the relay's four maps"
+        names("map", &maps),
+        // .rodata holds the backlog limit set at load time.
+        [
+            ".rodata",
+            "RELAY_CONTROLS",
+            "RELAY_EVENTS",
+            "RELAY_FLOWS",
+            "RELAY_SOCKETS"
+        ],
+        "bpftool map show lists the relay's four maps and its read-only globals"
     );
     let (status, _) = relay.stop(libc::SIGTERM);
     assert!(status.success());
     // The kernel frees programs and maps once their last reference is gone, right at exit.
     assert!(
-        wait_until(Duration::from_secs(5), || relay_programs() == programs
-            && relay_maps() == maps),
+        wait_until(Duration::from_secs(5), || names("prog", &programs)
+            .is_empty()
+            && names("map", &maps).is_empty()),
         "program or maps left behind"
     );
+}
+
+/// The eBPF program and map ids process `pid` holds descriptors for.
+fn bpf_ids(pid: u32) -> (Vec<u32>, Vec<u32>) {
+    let (mut programs, mut maps) = (Vec::new(), Vec::new());
+    let fdinfo = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("relay fdinfo");
+    for entry in fdinfo.flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in info.lines() {
+            let id = |prefix| line.strip_prefix(prefix)?.trim().parse::<u32>().ok();
+            programs.extend(id("prog_id:"));
+            maps.extend(id("map_id:"));
+        }
+    }
+    // The same object can sit behind more than one descriptor.
+    for ids in [&mut programs, &mut maps] {
+        ids.sort_unstable();
+        ids.dedup();
+    }
+    (programs, maps)
+}
+
+/// The name `bpftool OBJECT show id ID` gives, or None once the object is gone.
+fn bpftool_name(object: &str, id: u32) -> Option<String> {
+    let output = Command::new("bpftool")
+        .args([object, "show", "id", &id.to_string()])
+        .output()
+        .expect("bpftool is needed for this test (apt-get install bpftool)");
+    if !output.status.success() {
+        return None;
+    }
+    let listing = String::from_utf8_lossy(&output.stdout).into_owned();
+    let after = listing.split_once(" name ")?.1;
+    Some(after.split_whitespace().next()?.to_owned())
 }
