@@ -11,7 +11,10 @@ pub use peers::*;
 pub use proxied::*;
 pub use relay::*;
 
-use std::time::{Duration, Instant};
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 /// Polls `condition` until it holds or `deadline` passes; returns whether it held.
 pub fn wait_until(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
@@ -63,4 +66,40 @@ pub fn send_buffers_on_port(port: u16) -> Vec<u64> {
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// The eBPF program and map ids process `pid` holds descriptors for.
+pub fn bpf_ids(pid: u32) -> (Vec<u32>, Vec<u32>) {
+    let (mut programs, mut maps) = (Vec::new(), Vec::new());
+    let fdinfo = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("relay fdinfo");
+    for entry in fdinfo.flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in info.lines() {
+            let id = |prefix| line.strip_prefix(prefix)?.trim().parse::<u32>().ok();
+            programs.extend(id("prog_id:"));
+            maps.extend(id("map_id:"));
+        }
+    }
+    // The same object can sit behind more than one descriptor.
+    for ids in [&mut programs, &mut maps] {
+        ids.sort_unstable();
+        ids.dedup();
+    }
+    (programs, maps)
+}
+
+/// The name `bpftool OBJECT show id ID` gives, or None once the object is gone.
+pub fn bpftool_name(object: &str, id: u32) -> Option<String> {
+    let output = Command::new("bpftool")
+        .args([object, "show", "id", &id.to_string()])
+        .output()
+        .expect("bpftool is needed for this test (apt-get install bpftool)");
+    if !output.status.success() {
+        return None;
+    }
+    let listing = String::from_utf8_lossy(&output.stdout).into_owned();
+    let after = listing.split_once(" name ")?.1;
+    Some(after.split_whitespace().next()?.to_owned())
 }

@@ -4,13 +4,12 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{TcpListener, TcpStream},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use integration_tests::{
-    Behaviour, Plane, Relay, Upstream, bpf_required, free_port, full_listener, is_root, metric,
-    payload, reset, wait_until,
+    Behaviour, Plane, Relay, Upstream, bpf_ids, bpf_required, bpftool_name, free_port,
+    full_listener, is_root, metric, payload, reset, wait_until,
 };
 
 /// How soon a reset or a refusal must reach the other side.
@@ -239,40 +238,4 @@ pub fn bpf_program_is_listed_while_running_and_gone_after() {
             && names("map", &maps).is_empty()),
         "program or maps left behind"
     );
-}
-
-/// The eBPF program and map ids process `pid` holds descriptors for.
-fn bpf_ids(pid: u32) -> (Vec<u32>, Vec<u32>) {
-    let (mut programs, mut maps) = (Vec::new(), Vec::new());
-    let fdinfo = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("relay fdinfo");
-    for entry in fdinfo.flatten() {
-        let Ok(info) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        for line in info.lines() {
-            let id = |prefix| line.strip_prefix(prefix)?.trim().parse::<u32>().ok();
-            programs.extend(id("prog_id:"));
-            maps.extend(id("map_id:"));
-        }
-    }
-    // The same object can sit behind more than one descriptor.
-    for ids in [&mut programs, &mut maps] {
-        ids.sort_unstable();
-        ids.dedup();
-    }
-    (programs, maps)
-}
-
-/// The name `bpftool OBJECT show id ID` gives, or None once the object is gone.
-fn bpftool_name(object: &str, id: u32) -> Option<String> {
-    let output = Command::new("bpftool")
-        .args([object, "show", "id", &id.to_string()])
-        .output()
-        .expect("bpftool is needed for this test (apt-get install bpftool)");
-    if !output.status.success() {
-        return None;
-    }
-    let listing = String::from_utf8_lossy(&output.stdout).into_owned();
-    let after = listing.split_once(" name ")?.1;
-    Some(after.split_whitespace().next()?.to_owned())
 }

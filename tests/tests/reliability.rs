@@ -9,9 +9,10 @@ use std::{
 };
 
 use integration_tests::{
-    Expect, HeaderEcho, Plane, Relay, TempFile, bpf_required, closed_by_peer, echo_round_trip,
-    free_port, is_root, metric, one_error_line, operator_certificate, payload, relay_binary,
-    run_to_exit_via, s_client_echo, s_client_try, wait_until,
+    Expect, HeaderEcho, Plane, Relay, TempFile, bpf_ids, bpf_required, bpftool_name,
+    closed_by_peer, echo_round_trip, free_port, is_root, metric, one_error_line,
+    operator_certificate, payload, relay_binary, run_to_exit_via, s_client_echo, s_client_try,
+    wait_until,
 };
 
 const WITHIN: Duration = Duration::from_secs(10);
@@ -208,16 +209,13 @@ fn sighup_rereads_the_tls_certificate() {
     );
 }
 
-/// Lines of `bpftool prog show` for the relay's program.
-fn relay_programs() -> usize {
-    let output = Command::new("bpftool")
-        .args(["prog", "show"])
-        .output()
-        .expect("bpftool");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| l.contains("name relay_verdict"))
-        .count()
+/// The names of the eBPF programs `relay` holds.
+fn relay_programs(relay: &Relay) -> Vec<String> {
+    let (programs, _) = bpf_ids(relay.pid());
+    programs
+        .into_iter()
+        .filter_map(|id| bpftool_name("prog", id))
+        .collect()
 }
 
 #[test]
@@ -233,19 +231,22 @@ fn restart_after_sigkill_is_clean() {
     let relay = start(&args);
     let mut stream = TcpStream::connect(relay.addr).unwrap();
     assert_eq!(echo_round_trip(&mut stream, b"live"), b"live");
-    assert_eq!(relay_programs(), 1);
+    assert_eq!(relay_programs(&relay), ["relay_verdict"]);
+    let (programs, _) = bpf_ids(relay.pid());
     relay.signal(libc::SIGKILL);
     let _ = relay.wait_exit(WITHIN);
     // Nothing is pinned: the kernel frees the program and maps with the last fd.
     assert!(
-        wait_until(WITHIN, || relay_programs() == 0),
+        wait_until(WITHIN, || programs
+            .iter()
+            .all(|&id| bpftool_name("prog", id).is_none())),
         "a program outlived the process"
     );
     let relay = start(&args);
     assert_eq!(relay.addr.port(), port, "the same port binds again");
     let mut stream = TcpStream::connect(relay.addr).unwrap();
     assert_eq!(echo_round_trip(&mut stream, b"again"), b"again");
-    assert_eq!(relay_programs(), 1);
+    assert_eq!(relay_programs(&relay), ["relay_verdict"]);
 }
 
 /// True if a one-byte echo comes back within `within`.
