@@ -42,6 +42,7 @@ for_each_plane!(
     parity::metrics_count_the_bytes_sent,
     parity::idle_timeout_counts_traffic_both_ways,
     parity::half_closed_timeout_ends_a_one_sided_connection,
+    parity::a_client_that_stops_reading_is_closed_when_idle,
     soak::soak_keeps_every_byte_and_leaks_nothing,
 );
 

@@ -638,6 +638,25 @@ pub fn half_closed_timeout_ends_a_one_sided_connection(plane: integration_tests:
     assert_cut_at_its_timeout(&mut stream, Instant::now(), "half-closed");
 }
 
+/// A client that stops reading while the upstream pushes is closed after the idle timeout:
+/// the relay's writes to it stall and nothing moves, in whichever plane holds the
+/// connection (auto's userspace warm-up included).
+pub fn a_client_that_stops_reading_is_closed_when_idle(plane: integration_tests::Plane) {
+    let upstream = integration_tests::Upstream::start(integration_tests::Behaviour::Push(1 << 30));
+    let Some(relay) = plane_relay(plane, &upstream.relay_target(), &["--idle-timeout", "1s"])
+    else {
+        return;
+    };
+    let _never_read = TcpStream::connect(relay.addr).unwrap();
+    // The push ends when the relay resets the upstream.
+    let pushed = upstream.next_result(Duration::from_secs(30)).expect("push");
+    assert!(
+        pushed.len < 1 << 30,
+        "{plane:?}: the relay took all {} bytes from the upstream",
+        pushed.len
+    );
+}
+
 #[test]
 fn pool_fails_over_to_the_next_server_and_reports_health() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

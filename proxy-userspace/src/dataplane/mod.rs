@@ -211,7 +211,13 @@ async fn relay_userspace(
             copy::forward(&upstream, &client, down).await_boxed(),
         )
     };
-    let result = run_both(to_upstream, to_client, &progress, supervision).await;
+    let result = run_both(
+        to_upstream,
+        to_client,
+        &progress,
+        Watchdog::new(supervision),
+    )
+    .await;
     if let Err(e) = &result {
         e.propagate_reset(&client, &upstream);
     }
@@ -233,13 +239,14 @@ impl<'a, F: Future<Output = Result<u64, DirectionError>> + Send + 'a> Boxed<'a> 
 
 /// Drives both directions under the watchdog; the first failure or timeout ends the
 /// connection.
+/// `watchdog` may have counted part of `progress` already (a warm-up that stays in
+/// userspace).
 async fn run_both(
     mut to_upstream: DirectionFuture<'_>,
     mut to_client: DirectionFuture<'_>,
     progress: &Progress,
-    supervision: &Supervision,
+    mut watchdog: Watchdog<'_>,
 ) -> Result<Transfer, FlowError> {
-    let mut watchdog = Watchdog::new(supervision);
     let mut ticker = watchdog.ticker();
     let (mut up_done, mut down_done) = (false, false);
     let result = loop {

@@ -9,7 +9,9 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{Boxed, DirectionError, FlowError, Progress, Supervision, Transfer, run_both};
+use super::{
+    Boxed, DirectionError, FlowError, Progress, Supervision, Transfer, Watchdog, run_both,
+};
 
 /// One TLS record's worth of plaintext.
 const STREAM_BUFFER: usize = 16 * 1024;
@@ -44,7 +46,7 @@ where
         )
         .await_boxed(),
         &progress,
-        supervision,
+        Watchdog::new(supervision),
     )
     .await;
     if let Err(e) = &result {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::{net::TcpStream, sync::watch};
 
 use super::{
-    Boxed as _, DirectionError, FlowError, Progress, Supervision, Transfer,
+    Boxed as _, DirectionError, FlowError, Progress, Supervision, Transfer, Watchdog,
     copy::{self, Stop},
     run_both,
 };
@@ -44,10 +44,18 @@ pub async fn relay_until_promoted(
     tokio::pin!(to_upstream, to_client);
     let deadline = tokio::time::sleep(WARM_UP);
     tokio::pin!(deadline);
+    // A direction stuck on a peer that never reads must still time out.
+    let mut watchdog = Watchdog::new(supervision);
+    let mut ticker = watchdog.ticker();
     let (mut up_stop, mut down_stop) = (None, None);
     let failed = loop {
         tokio::select! {
             () = &mut deadline, if !*pause.borrow() => { pause.send_replace(true); }
+            _ = ticker.tick() => {
+                if let Err(expiry) = watchdog.check(progress.snapshot(), None) {
+                    break FlowError::Expired(expiry);
+                }
+            }
             stop = &mut to_upstream, if up_stop.is_none() => match stop {
                 Ok(stop) => up_stop = Some(stop),
                 Err(DirectionError::Source(e)) => break FlowError::Client(e),
@@ -60,8 +68,9 @@ pub async fn relay_until_promoted(
             },
         }
         // A direction at EOF keeps the connection in userspace (a socket that received a
-        // FIN cannot join the map): pause the other too, to finish under the watchdog.
-        if up_stop.is_some() || down_stop.is_some() {
+        // FIN cannot join the map): pause the other too, and resume it with run_both.
+        if matches!(up_stop, Some(Stop::Eof)) || matches!(down_stop, Some(Stop::Eof)) {
+            watchdog.one_side_done();
             pause.send_replace(true);
         }
         let (Some(up_stop), Some(down_stop)) = (&up_stop, &down_stop) else {
@@ -77,9 +86,7 @@ pub async fn relay_until_promoted(
         };
         if promotable(up_stop) && promotable(down_stop) {
             let moved = progress.snapshot();
-            supervision
-                .metrics
-                .add_bytes(moved.client_to_upstream, moved.upstream_to_client);
+            watchdog.report(moved);
             return WarmUp::Promote(moved);
         }
         // Paused directions resume where they stopped; nothing was held back.
@@ -92,7 +99,7 @@ pub async fn relay_until_promoted(
             resume(up_stop, client, upstream, up),
             resume(down_stop, upstream, client, down),
             &progress,
-            supervision,
+            watchdog,
         )
         .await;
         if let Err(e) = &result {
@@ -100,10 +107,7 @@ pub async fn relay_until_promoted(
         }
         return WarmUp::Done(result);
     };
-    let moved = progress.snapshot();
-    supervision
-        .metrics
-        .add_bytes(moved.client_to_upstream, moved.upstream_to_client);
+    watchdog.report(progress.snapshot());
     failed.propagate_reset(client, upstream);
     WarmUp::Done(Err(failed))
 }

@@ -68,15 +68,15 @@ impl<'a> Watchdog<'a> {
     }
 
     /// Reports new bytes, then says whether the connection has run out of time.
-    /// `idle_for`: how long the kernel has seen no packet, for kernel-mode connections.
+    /// `idle_for`: how long nothing was delivered, when the caller measures it itself (kernel
+    /// mode, where `totals` counts bytes handed to a peer's queue, not taken by the peer);
+    /// otherwise idle is the time since `totals` last grew.
     pub fn check(&mut self, totals: Transfer, idle_for: Option<Duration>) -> Result<(), Expiry> {
         let now = Instant::now();
         if self.report(totals) {
             self.last_progress = now;
         }
-        // The kernel's clock is the finer one; ours covers a flow that never saw a packet.
-        let progress_idle = now - self.last_progress;
-        let idle_for = idle_for.map_or(progress_idle, |kernel| kernel.min(progress_idle));
+        let idle_for = idle_for.unwrap_or(now - self.last_progress);
         if idle_for >= self.supervision.idle {
             return Err(Expiry::Idle);
         }

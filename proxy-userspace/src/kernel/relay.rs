@@ -15,7 +15,7 @@ use std::{
     net::TcpStream,
     os::fd::AsRawFd,
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use proxy_common::{FLOW_BROKEN, FlowControl, FlowState, SEQ_TRACKED};
@@ -382,6 +382,7 @@ impl KernelConnection<'_> {
     async fn run(self, supervision: &Supervision) -> Result<Transfer, FlowError> {
         let mut watchdog = Watchdog::new(supervision);
         let mut ticker = watchdog.ticker();
+        let mut deliveries = Deliveries::default();
         let result = {
             let to_upstream = self.run_flow(&self.client, &self.upstream);
             let to_client = self.run_flow(&self.upstream, &self.client);
@@ -398,7 +399,8 @@ impl KernelConnection<'_> {
                         Err(e) => break Err(e.towards_client()),
                     },
                     _ = ticker.tick() => {
-                        let Activity { transfer, idle_for, .. } = self.activity();
+                        let Activity { transfer, .. } = self.activity();
+                        let idle_for = deliveries.idle_for(&self.client.stream, &self.upstream.stream);
                         if let Err(expiry) = watchdog.check(transfer, Some(idle_for)) {
                             break Err(FlowError::Expired(expiry));
                         }
@@ -432,10 +434,8 @@ impl KernelConnection<'_> {
             upstream_to_client: upstream.redirected_bytes
                 + self.upstream.moved.load(Ordering::Acquire),
         };
-        let last_packet = client.last_active_ns.max(upstream.last_active_ns);
         Activity {
             transfer,
-            idle_for: Duration::from_nanos(sys::monotonic_coarse_ns().saturating_sub(last_packet)),
             trimmed: client.trimmed_bytes + upstream.trimmed_bytes,
         }
     }
@@ -734,10 +734,41 @@ fn resized_send_buffer(current: libc::c_int, drained: u64, since_ns: u64) -> Opt
 struct Activity {
     /// Bytes each way, redirected or moved by userspace.
     transfer: Transfer,
-    /// How long the program has seen no packet on either socket.
-    idle_for: Duration,
     /// Repeated heads of retransmitted segments trimmed, both ways.
     trimmed: u64,
+}
+
+/// When a peer last acknowledged a byte the relay sent it: what idle means in kernel mode.
+/// The program's counts (and its `last_active_ns`) say what arrived and was handed to the
+/// other socket's queue; a client that stops reading still has bytes trickling into that
+/// queue, but takes none, as the userspace planes' stalled writes show.
+struct Deliveries {
+    acked: (u64, u64),
+    since: Instant,
+}
+
+impl Default for Deliveries {
+    fn default() -> Self {
+        Self {
+            acked: (0, 0),
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Deliveries {
+    fn idle_for(&mut self, client: &TcpStream, upstream: &TcpStream) -> Duration {
+        let acked = |stream| sys::tcp_info(stream).map(|info| info.bytes_acked);
+        let (Ok(client), Ok(upstream)) = (acked(client), acked(upstream)) else {
+            // A socket that cannot say is failing; its flow reports the error.
+            return Duration::ZERO;
+        };
+        if (client, upstream) != self.acked {
+            self.acked = (client, upstream);
+            self.since = Instant::now();
+        }
+        self.since.elapsed()
+    }
 }
 
 /// One measurement of a flow's destination (see `peer_backlog`).
