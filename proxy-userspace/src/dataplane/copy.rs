@@ -20,11 +20,13 @@ pub async fn forward(
     to: &TcpStream,
     moved: &AtomicU64,
 ) -> Result<u64, DirectionError> {
-    let mut buf = vec![0u8; COPY_BUFFER];
+    // Never zeroed: the pages a short connection does not fill are never touched.
+    let mut buf = Vec::with_capacity(COPY_BUFFER);
     let mut total = 0u64;
     loop {
         from.readable().await.map_err(DirectionError::Source)?;
-        let n = match from.try_read(&mut buf) {
+        buf.clear();
+        let n = match from.try_read_buf(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -70,8 +72,10 @@ pub async fn forward_until(
             }
             ready = from.readable() => ready.map_err(DirectionError::Source)?,
         }
-        let mut buf = vec![0u8; COPY_BUFFER];
-        let n = match from.try_read(&mut buf) {
+        // Allocated per chunk and never zeroed: a quiet connection holds no buffer, and a short
+        // one touches only the pages its bytes fill.
+        let mut buf = Vec::with_capacity(COPY_BUFFER);
+        let n = match from.try_read_buf(&mut buf) {
             Ok(0) => {
                 sys::shutdown_write(to).map_err(DirectionError::Destination)?;
                 return Ok(Stop::Eof);

@@ -65,11 +65,13 @@ impl DataPlane {
     }
 
     /// Relays one connection until both directions are done or one side resets.
+    /// `client_read`: userspace already read from the client socket (a PROXY header).
     pub async fn relay(
         &self,
         client: TcpStream,
         upstream: TcpStream,
         supervision: &Supervision,
+        client_read: bool,
     ) -> Result<Transfer, FlowError> {
         match self {
             Self::Copy => relay_userspace(client, upstream, false, supervision).await,
@@ -85,7 +87,7 @@ impl DataPlane {
                         }
                     }
                 }
-                let read_before = *warm_up;
+                let read_before = *warm_up || client_read;
                 relay_in_kernel(plane, client, upstream, supervision, read_before)
                     .await
                     .map(|transfer| transfer.after(before))

@@ -212,7 +212,12 @@ impl Connection {
                 }
             }
         }
-        log_end(plane.relay(client, upstream, &supervision).await);
+        let client_read = self.listener.config.accept_proxy;
+        log_end(
+            plane
+                .relay(client, upstream, &supervision, client_read)
+                .await,
+        );
     }
 
     fn supervision(&self) -> Supervision {
