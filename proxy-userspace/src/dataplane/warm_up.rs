@@ -50,7 +50,10 @@ pub async fn relay_until_promoted(
     let (mut up_stop, mut down_stop) = (None, None);
     let failed = loop {
         tokio::select! {
-            () = &mut deadline, if !*pause.borrow() => { pause.send_replace(true); }
+            // Once a direction is at EOF the connection stays in userspace: no pause.
+            () = &mut deadline, if !*pause.borrow() && up_stop.is_none() && down_stop.is_none() => {
+                pause.send_replace(true);
+            }
             _ = ticker.tick() => {
                 if let Err(expiry) = watchdog.check(progress.snapshot(), None) {
                     break FlowError::Expired(expiry);
@@ -68,14 +71,19 @@ pub async fn relay_until_promoted(
             },
         }
         // A direction at EOF keeps the connection in userspace (a socket that received a
-        // FIN cannot join the map): pause the other too, and resume it with run_both.
+        // FIN cannot join the map); the other runs on here, under the same watchdog.
         if matches!(up_stop, Some(Stop::Eof)) || matches!(down_stop, Some(Stop::Eof)) {
             watchdog.one_side_done();
-            pause.send_replace(true);
         }
         let (Some(up_stop), Some(down_stop)) = (&up_stop, &down_stop) else {
             continue;
         };
+        if matches!((up_stop, down_stop), (Stop::Eof, Stop::Eof)) {
+            // The usual short connection: over within its warm-up.
+            let moved = progress.snapshot();
+            watchdog.report(moved);
+            return WarmUp::Done(Ok(moved));
+        }
         let promotable = |stop: &Stop| {
             matches!(
                 stop,
