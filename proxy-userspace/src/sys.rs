@@ -36,21 +36,25 @@ fn setsockopt<T>(fd: &impl AsRawFd, level: i32, name: i32, value: &T) -> io::Res
     .map(drop)
 }
 
-/// The kernel's identifier for a socket, the same value `bpf_get_socket_cookie()` returns.
-pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie and len are valid for the kernel to write.
+fn getsockopt<T: Default>(fd: &impl AsRawFd, level: i32, name: i32) -> io::Result<T> {
+    let mut value = T::default();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: value and len describe a live T for the kernel to write.
     check(unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            std::ptr::from_mut(&mut cookie).cast(),
+            level,
+            name,
+            std::ptr::from_mut(&mut value).cast(),
             &mut len,
         )
     })?;
-    Ok(cookie)
+    Ok(value)
+}
+
+/// The kernel's identifier for a socket, the same value `bpf_get_socket_cookie()` returns.
+pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
 /// SO_RCVLOWAT gates the verdict program: TCP calls data-ready, which runs it, only once this
@@ -140,24 +144,13 @@ const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
 pub fn next_unread_sequence(fd: &impl AsRawFd) -> io::Result<u32> {
     // Leaving repair mode clears SO_REUSEADDR; a relayed socket's TIME_WAIT without it
     // would keep the listener's port from being bound again for a minute.
-    let reuse = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
+    let reuse: libc::c_int = getsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
     setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, &1)?;
     let measured = (|| {
         setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, &TCP_RECV_QUEUE)?;
         for _ in 0..16 {
             let before = unread(fd)?;
-            let mut rcv_nxt = 0u32;
-            let mut len = size_of::<u32>() as libc::socklen_t;
-            // SAFETY: rcv_nxt and len are valid for the kernel to write.
-            check(unsafe {
-                libc::getsockopt(
-                    fd.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    TCP_QUEUE_SEQ,
-                    std::ptr::from_mut(&mut rcv_nxt).cast(),
-                    &mut len,
-                )
-            })?;
+            let rcv_nxt: u32 = getsockopt(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ)?;
             if unread(fd)? == before {
                 return Ok(rcv_nxt.wrapping_sub(before as u32));
             }
@@ -170,22 +163,6 @@ pub fn next_unread_sequence(fd: &impl AsRawFd) -> io::Result<u32> {
         .and_then(|()| setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &reuse));
     let sequence = measured?;
     left.map(|()| sequence)
-}
-
-fn getsockopt_int(fd: &impl AsRawFd, level: i32, name: i32) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: value and len are valid for the kernel to write.
-    check(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            std::ptr::from_mut(&mut value).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(value)
 }
 
 pub struct TcpInfo {

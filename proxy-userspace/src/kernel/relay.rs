@@ -264,7 +264,11 @@ impl KernelDataPlane {
             .into_iter()
             .try_for_each(|stream| {
                 sys::set_receive_buffer(stream, RECEIVE_BUFFER)?;
-                sys::set_window_clamp(stream, 2 * RECEIVE_BUFFER)?;
+                // Only autotuning before the insert lowers the clamp; a fresh socket's
+                // already spans the buffer.
+                if read_before {
+                    sys::set_window_clamp(stream, 2 * RECEIVE_BUFFER)?;
+                }
                 sys::set_send_buffer(stream, SEND_BUFFER)?;
                 sys::set_receive_low_water(stream, HOLD_LOW_WATER)
             });
