@@ -5,7 +5,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use tokio::{net::TcpStream, sync::watch};
+use tokio::{io::Interest, net::TcpStream, sync::watch};
 
 use super::{DirectionError, warm_up::WARM_UP_BYTES};
 use crate::sys;
@@ -26,7 +26,7 @@ pub async fn forward(
     loop {
         from.readable().await.map_err(DirectionError::Source)?;
         buf.clear();
-        let n = match from.try_read_buf(&mut buf) {
+        let n = match read_chunk(from, &mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -75,7 +75,7 @@ pub async fn forward_until(
         // Allocated per chunk and never zeroed: a quiet connection holds no buffer, and a short
         // one touches only the pages its bytes fill.
         let mut buf = Vec::with_capacity(COPY_BUFFER);
-        let n = match from.try_read_buf(&mut buf) {
+        let n = match read_chunk(from, &mut buf) {
             Ok(0) => {
                 sys::shutdown_write(to).map_err(DirectionError::Destination)?;
                 return Ok(Stop::Eof);
@@ -91,6 +91,25 @@ pub async fn forward_until(
             pause.send_replace(true);
         }
     }
+}
+
+/// Reads what `from` holds into `buf`'s spare capacity. A read shorter than that drained
+/// the socket, so its readiness is cleared then, as tokio's own `poll_read` does on epoll
+/// (tokio#5866): the read that would only have returned EAGAIN is never made. A FIN or
+/// error stays visible: tokio never clears the closed states.
+fn read_chunk(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let wanted = buf.capacity() - buf.len();
+    let mut drained_by = None;
+    let read = from.try_io(Interest::READABLE, || {
+        let n = from.try_read_buf(buf)?;
+        if 0 < n && n < wanted {
+            drained_by = Some(n);
+            // Reported as WouldBlock only for try_io to clear the readiness it saw.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    drained_by.map_or(read, Ok)
 }
 
 /// Forwards exactly the bytes `from`'s receive queue holds now. The queue ends where a
