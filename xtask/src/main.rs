@@ -77,14 +77,19 @@ enum Task {
         /// Seconds per iperf3 run (default 3; 1 with --quick).
         #[arg(long)]
         seconds: Option<u32>,
-        /// Only these paths (comma-separated): direct, kernel, splice, copy, haproxy-splice,
-        /// haproxy, socat, tokio. Default: all.
+        /// Only these paths (comma-separated): direct, kernel, auto, splice, copy,
+        /// haproxy-splice, haproxy, socat, tokio. Default: all.
         #[arg(long, value_delimiter = ',')]
         targets: Vec<String>,
         /// Only these scenes (comma-separated): loopback-spread, loopback-one-cpu,
         /// namespaces-spread, namespaces-one-cpu. Default: all.
         #[arg(long, value_delimiter = ',')]
         scenes: Vec<String>,
+        /// In namespaces with the endpoints apart, receive the relay's packets on a CPU
+        /// picked by flow hash (RPS on its veth ends), as a server's multi-queue NIC does,
+        /// instead of on the CPU that sent them.
+        #[arg(long)]
+        rps: bool,
     },
 }
 
@@ -148,10 +153,13 @@ fn main() -> Result<()> {
             seconds,
             targets,
             scenes,
+            rps,
         } => {
             // Checked before the build, so a misspelt name fails at once.
-            let plan =
-                bench::Plan::new(quick, runs, seconds, &bench::Selection { targets, scenes })?;
+            let plan = bench::Plan {
+                steer_receive: rps,
+                ..bench::Plan::new(quick, runs, seconds, &bench::Selection { targets, scenes })?
+            };
             let binary = build(&root)?;
             // The tokio baseline runs optimised, like everything else it is compared with.
             let object = toolchain::ebpf_object(&root);

@@ -38,6 +38,9 @@ pub struct Plan {
     pub targets: Vec<Target>,
     /// The topology and placement pairs measured, in the report's order (all by default).
     pub scenes: Vec<Scene>,
+    /// With the endpoints apart, spread the relay namespace's receive processing over every
+    /// CPU (RPS).
+    pub steer_receive: bool,
 }
 
 /// Which cells `cargo xtask bench` measures: every path in every scene unless narrowed.
@@ -70,6 +73,7 @@ impl Plan {
                 idle_connections: 1_000,
                 targets,
                 scenes,
+                steer_receive: false,
             }
         } else {
             Self {
@@ -81,6 +85,7 @@ impl Plan {
                 idle_connections: 10_000,
                 targets,
                 scenes,
+                steer_receive: false,
             }
         };
         Ok(Self {
@@ -190,9 +195,12 @@ pub fn bench(root: &Path, binary: &Path, helper: &Path, plan: &Plan) -> Result<(
         if scenes.is_empty() {
             continue;
         }
-        let _namespaces = topology.set_up()?;
+        let namespaces = topology.set_up()?;
         for scene in scenes {
             let placement = scene.placement;
+            if let Some(namespaces) = &namespaces {
+                namespaces.steer_receive(plan.steer_receive && placement == Placement::Spread)?;
+            }
             let _servers = Servers::start(&scene, helper)?;
             for &target in &plan.targets {
                 println!("{}: {}", scene.label(), target.name());

@@ -90,6 +90,19 @@ fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
         plan.idle_connections,
         took.as_secs_f64() / 60.0
     )?;
+    if plan.steer_receive
+        && plan
+            .scenes
+            .iter()
+            .any(|s| s.topology == Topology::Namespaces && s.placement == Placement::Spread)
+    {
+        writeln!(
+            md,
+            "\nWith the endpoints apart in namespaces, the relay namespace received with RPS over \
+             every CPU (`--rps`): each flow's packets on a CPU picked by its hash, not on the CPU \
+             that sent them."
+        )?;
+    }
     writeln!(
         md,
         "\nThroughput cells: Gbit/s median (min-max), then CPU-seconds per GB moved: system-wide \

@@ -187,6 +187,28 @@ impl Namespaces {
         }
         Ok(guard)
     }
+
+    /// With `spread`, RPS on the relay namespace's veth ends: their packets are received on
+    /// a CPU picked by flow hash, as a multi-queue NIC's RSS spreads them, instead of on
+    /// the CPU that sent them (what veth does by default, and where in-kernel forwarding
+    /// then runs). Without, RPS off.
+    pub fn steer_receive(&self, spread: bool) -> Result<()> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mask = if spread { cpu_mask(cpus) } else { "0".into() };
+        for device in ["epb-rc", "epb-rs"] {
+            let path = format!("/sys/class/net/{device}/queues/rx-0/rps_cpus");
+            // `ip netns exec` mounts the namespace's own /sys, where its devices are.
+            let status = Command::new("ip")
+                .args(["netns", "exec", RELAY_NS, "sh", "-c"])
+                .arg(format!("echo {mask} > {path}"))
+                .status()
+                .context("running sh")?;
+            if !status.success() {
+                bail!("setting {path} in {RELAY_NS} failed");
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Namespaces {
@@ -202,6 +224,18 @@ fn remove_namespaces() {
             .stderr(std::process::Stdio::null())
             .status();
     }
+}
+
+/// The sysfs bitmap of CPUs 0..cpus: hex, 32 CPUs per comma-separated group.
+fn cpu_mask(cpus: usize) -> String {
+    let mut groups: Vec<String> = (0..cpus.div_ceil(32))
+        .map(|group| {
+            let bits = (cpus - group * 32).min(32);
+            format!("{:x}", u32::MAX >> (32 - bits))
+        })
+        .collect();
+    groups.reverse();
+    groups.join(",")
 }
 
 /// Runs `ip` with the words of `args`.
@@ -225,4 +259,17 @@ fn sysctl(ns: &str, setting: &str) -> Result<()> {
         bail!("sysctl {setting} in {ns} failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_mask;
+
+    #[test]
+    fn the_cpu_mask_has_one_bit_per_cpu_in_32_bit_groups() {
+        assert_eq!(cpu_mask(1), "1");
+        assert_eq!(cpu_mask(2), "3");
+        assert_eq!(cpu_mask(32), "ffffffff");
+        assert_eq!(cpu_mask(36), "f,ffffffff");
+    }
 }
