@@ -170,14 +170,15 @@ impl Metrics {
                 })
             }),
         );
-        let (sockets, fallbacks, trimmed, promoted) = match &self.plane {
+        let (sockets, fallbacks, trimmed, promoted, detached) = match &self.plane {
             DataPlane::Kernel { plane, .. } => (
                 plane.socket_entries() as u64,
                 plane.fallbacks(),
                 plane.trimmed_bytes(),
                 plane.promotions(),
+                plane.detachments(),
             ),
-            _ => (0, 0, 0, 0),
+            _ => (0, 0, 0, 0, 0),
         };
         family(
             "dataplane_info",
@@ -202,6 +203,12 @@ impl Metrics {
             "counter",
             "Connections (auto) that moved into the kernel after their userspace warm-up.",
             &mut std::iter::once((String::new(), promoted)),
+        );
+        family(
+            "kernel_detached_total",
+            "counter",
+            "Directions of kernel-relayed connections that left the kernel and finished in userspace: their destination fell too far behind, or its socket left the map.",
+            &mut std::iter::once((String::new(), detached)),
         );
         family(
             "kernel_retransmitted_bytes_trimmed_total",

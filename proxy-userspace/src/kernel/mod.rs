@@ -107,6 +107,9 @@ pub struct KernelDataPlane {
     trimmed: AtomicU64,
     /// Connections that joined the maps after a userspace warm-up (`auto`).
     promoted: AtomicU64,
+    /// Directions of kernel-relayed connections that left the kernel and finished in
+    /// userspace (their backlog passed the hard limit, or the peer left the map).
+    detached: AtomicU64,
     /// When the last "maps declined" warning was logged (coarse monotonic ns; 0: never):
     /// at most one a minute, however many connections are declined.
     declined_warned_ns: AtomicU64,
@@ -168,6 +171,7 @@ impl KernelDataPlane {
             fallbacks: AtomicU64::new(0),
             trimmed: AtomicU64::new(0),
             promoted: AtomicU64::new(0),
+            detached: AtomicU64::new(0),
             declined_warned_ns: AtomicU64::new(0),
             _ebpf: ebpf,
         }))
@@ -195,6 +199,11 @@ impl KernelDataPlane {
 
     pub fn promotions(&self) -> u64 {
         self.promoted.load(Ordering::Relaxed)
+    }
+
+    /// Directions that left the kernel mid-connection and finished in userspace.
+    pub fn detachments(&self) -> u64 {
+        self.detached.load(Ordering::Relaxed)
     }
 
     /// Entries currently in the socket map: what leak checks compare against zero.

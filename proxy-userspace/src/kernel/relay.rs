@@ -467,6 +467,11 @@ impl KernelConnection<'_> {
                 )));
             }
             if state.detached != 0 {
+                self.plane.detached.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    "a flow left the kernel after {} bytes: its backlog bound passed the hard limit, or its peer left the map",
+                    state.redirected_bytes
+                );
                 return self.copy_rest_in_userspace(from, to).await;
             }
             if state.checks_requested != from.checks_done.load(Ordering::Acquire) {
@@ -496,14 +501,17 @@ impl KernelConnection<'_> {
         if measured.backlog >= self.plane.backlog_limit / 2 {
             measured = self.throttle(from, to).await?;
         }
-        let Backlog {
-            redirected,
-            backlog,
-            ..
-        } = measured;
-        from.checkpoint
-            .store(redirected.saturating_sub(backlog), Ordering::Release);
         from.checks_done.store(requested, Ordering::Release);
+        self.publish_checkpoint(from, &measured)
+    }
+
+    /// Publishes what `measured` shows has left the backlog, so that the program's bound
+    /// starts again from the backlog as measured (it can only count more than the truth).
+    fn publish_checkpoint(&self, from: &Side, measured: &Backlog) -> Result<(), LocalFlowError> {
+        from.checkpoint.store(
+            measured.redirected.saturating_sub(measured.backlog),
+            Ordering::Release,
+        );
         self.publish_control(from)
     }
 
@@ -656,6 +664,11 @@ impl KernelConnection<'_> {
             if measured.backlog <= allowed {
                 return Ok(measured);
             }
+            // Bytes keep arriving while a throttled sender uses the window it was granted:
+            // without a fresh checkpoint the program would count them against the old one,
+            // and a wait longer than the hard limit's worth would detach a flow whose
+            // destination is keeping up.
+            self.publish_checkpoint(from, &measured)?;
             // A reset destination discards its backlog: it will never catch up.
             if sys::tcp_info(&to.stream)
                 .map_err(LocalFlowError::Destination)?

@@ -369,10 +369,11 @@ pub async fn report_status_on_sigusr1(
         let connections = open.load(Ordering::Relaxed);
         let kernel = match &plane {
             DataPlane::Kernel { plane, .. } => format!(
-                " sockets_in_map={} userspace_fallbacks={} promoted={}",
+                " sockets_in_map={} userspace_fallbacks={} promoted={} detached={}",
                 plane.socket_entries(),
                 plane.fallbacks(),
-                plane.promotions()
+                plane.promotions(),
+                plane.detachments()
             ),
             _ => String::new(),
         };
