@@ -58,6 +58,9 @@ pub struct FlowState {
     /// Non-zero once [`FlowState::next_seq`] holds a value (from the first segment seen);
     /// [`FLOW_BROKEN`] when a repeated head could not be trimmed, and the flow stopped.
     pub seq_state: u32,
+    /// Times the flow detached, and resumed redirecting after userspace moved what it kept.
+    pub detachments: u32,
+    pub resumptions: u32,
 }
 
 /// [`FlowState::seq_state`]: no segment seen yet.
@@ -81,10 +84,14 @@ pub struct FlowControl {
     /// The [`FlowState::checks_requested`] value userspace last answered.
     pub checks_done: u32,
     pub _padding: u32,
+    /// Bytes of a detached flow's [`FlowState::passed_bytes`] that userspace has read and
+    /// written into the peer. When it equals `passed_bytes`, every byte the program kept
+    /// has gone on, and the program resumes redirecting at the next segment.
+    pub passed_moved: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<FlowState>() == 48);
-const _: () = assert!(core::mem::size_of::<FlowControl>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 56);
+const _: () = assert!(core::mem::size_of::<FlowControl>() == 32);
 
 #[cfg(feature = "user")]
 mod user {

@@ -8,7 +8,9 @@
 //! drains. The program reads no socket internals, so it needs only CAP_BPF and CAP_NET_ADMIN.
 //! If the peer is not in the map, or the bound passes a hard cap because userspace was
 //! too slow, the flow *detaches*: every byte from then on stays on the receiving socket
-//! (SK_PASS), where TCP's own accounting bounds it, for userspace to move.
+//! (SK_PASS), where TCP's own accounting bounds it, for userspace to move. Once userspace
+//! has moved every byte kept (it says how many) and the destination has caught up, the
+//! next segment resumes the redirect.
 #![no_std]
 #![no_main]
 
@@ -89,16 +91,23 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
     let len = u64::from(len);
     // SAFETY: no arguments.
     flow.last_active_ns = unsafe { bpf_ktime_get_coarse_ns() };
-    if flow.detached != 0 {
-        flow.passed_bytes += len;
-        return Ok(SK_PASS);
-    }
     // SAFETY: a read-only global.
     let limit = unsafe { ptr::read_volatile(&FLOW_BACKLOG_LIMIT) };
     // Never below the peer's actual backlog: draining only makes it smaller.
     let backlog_bound = flow
         .redirected_bytes
         .saturating_sub(control.checkpoint_bytes);
+    if flow.detached != 0 {
+        // Resume only behind every byte kept here: userspace has written all of them into
+        // the peer, so this segment's redirect queues after them.
+        if control.passed_moved != flow.passed_bytes || backlog_bound >= limit {
+            flow.passed_bytes += len;
+            return Ok(SK_PASS);
+        }
+        flow.detached = 0;
+        flow.resumptions = flow.resumptions.wrapping_add(1);
+        notify(cookie);
+    }
     if backlog_bound >= limit.wrapping_mul(HARD_LIMIT_FACTOR) {
         // Userspace has not checked in time. Keeping the bytes here charges them to this
         // socket's receive buffer, so TCP itself closes the window: a bound that does not
@@ -186,6 +195,7 @@ extern "C" fn trim_one_step(_index: u64, skb: *mut c_void) -> i64 {
 /// Keeps this and every later byte on the socket: a failed redirect would drop it.
 fn detach(cookie: u64, flow: &mut FlowState, len: u64) -> u32 {
     flow.detached = 1;
+    flow.detachments = flow.detachments.wrapping_add(1);
     flow.passed_bytes += len;
     notify(cookie);
     SK_PASS

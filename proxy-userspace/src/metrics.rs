@@ -170,15 +170,16 @@ impl Metrics {
                 })
             }),
         );
-        let (sockets, fallbacks, trimmed, promoted, detached) = match &self.plane {
+        let (sockets, fallbacks, trimmed, promoted, detached, resumed) = match &self.plane {
             DataPlane::Kernel { plane, .. } => (
                 plane.socket_entries() as u64,
                 plane.fallbacks(),
                 plane.trimmed_bytes(),
                 plane.promotions(),
                 plane.detachments(),
+                plane.resumptions(),
             ),
-            _ => (0, 0, 0, 0, 0),
+            _ => (0, 0, 0, 0, 0, 0),
         };
         family(
             "dataplane_info",
@@ -207,8 +208,14 @@ impl Metrics {
         family(
             "kernel_detached_total",
             "counter",
-            "Directions of kernel-relayed connections that left the kernel and finished in userspace: their destination fell too far behind, or its socket left the map.",
+            "Times a direction of a kernel-relayed connection left the kernel for userspace, because its destination fell too far behind or its socket left the map (closed connections).",
             &mut std::iter::once((String::new(), detached)),
+        );
+        family(
+            "kernel_resumed_total",
+            "counter",
+            "Times a detached direction came back into the kernel, once userspace had moved every byte kept for it (closed connections).",
+            &mut std::iter::once((String::new(), resumed)),
         );
         family(
             "kernel_retransmitted_bytes_trimmed_total",

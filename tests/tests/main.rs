@@ -52,6 +52,11 @@ fn kernel_falls_back_when_a_fin_came_first() {
 }
 
 #[test]
+fn detached_flows_come_back_into_the_kernel_in_order() {
+    transfer::detached_flows_come_back_into_the_kernel_in_order();
+}
+
+#[test]
 fn auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_kernel() {
     transfer::auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_kernel();
 }

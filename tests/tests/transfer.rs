@@ -329,6 +329,54 @@ pub fn auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_ke
     assert_eq!(bytes("upstream_to_client"), expected);
 }
 
+/// A direction whose backlog outruns the hard limit leaves the kernel for userspace and comes
+/// back once userspace has moved what was kept. With the limit lowered to 64 KiB (256 KiB
+/// hard), 64 MiB exchanges at loopback speed do that again and again, both ways at once:
+/// every byte must still arrive once and in order.
+pub fn detached_flows_come_back_into_the_kernel_in_order() {
+    let from_upstream = payload(92, 64 << 20);
+    let upstream = Upstream::start(Behaviour::Exchange(from_upstream.clone()));
+    let forward = format!("127.0.0.1:0={}", upstream.relay_target());
+    let args = [
+        "--forward",
+        &forward,
+        "--dataplane",
+        "kernel",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    let relay = match Relay::spawn_via(&["env", "EBPF_PROXY_BACKLOG_LIMIT=65536"], &args) {
+        Ok(relay) => relay,
+        Err(output) if !bpf_required() => {
+            eprintln!("SKIPPED: kernel data plane unavailable:\n{output}");
+            return;
+        }
+        Err(output) => panic!("relay did not start:\n{output}"),
+    };
+    for run in 0..3 {
+        let from_client = payload(93 + run, 64 << 20);
+        let client_got = exchange(connect(&relay), from_client.clone()).expect("client exchange");
+        let upstream_got = upstream.next_result(DEADLINE).expect("upstream exchange");
+        assert_eq!(client_got, Received::of(&from_upstream), "upstream->client");
+        assert_eq!(upstream_got, Received::of(&from_client), "client->upstream");
+    }
+    let value = |name| metric(&relay.scrape(), name, &[]);
+    let (detached, resumed) = (
+        value("kernel_detached_total"),
+        value("kernel_resumed_total"),
+    );
+    eprintln!("{detached} detachments, {resumed} resumptions");
+    assert!(
+        detached > 0,
+        "no direction left the kernel: the test proves nothing"
+    );
+    assert!(
+        resumed > 0,
+        "no detached direction came back into the kernel"
+    );
+    assert!(wait_until(DEADLINE, || value("kernel_sockets") == 0));
+}
+
 pub fn ipv6_client_reaches_ipv4_upstream(plane: Plane) {
     let from_upstream = payload(61, 1 << 20);
     let upstream = Upstream::start(Behaviour::Exchange(from_upstream.clone()));

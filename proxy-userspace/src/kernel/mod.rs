@@ -107,9 +107,10 @@ pub struct KernelDataPlane {
     trimmed: AtomicU64,
     /// Connections that joined the maps after a userspace warm-up (`auto`).
     promoted: AtomicU64,
-    /// Directions of kernel-relayed connections that left the kernel and finished in
-    /// userspace (their backlog passed the hard limit, or the peer left the map).
+    /// Times a direction of a kernel-relayed connection left the kernel (its backlog bound
+    /// passed the hard limit, or the peer left the map), and came back into it.
     detached: AtomicU64,
+    resumed: AtomicU64,
     /// When the last "maps declined" warning was logged (coarse monotonic ns; 0: never):
     /// at most one a minute, however many connections are declined.
     declined_warned_ns: AtomicU64,
@@ -118,13 +119,34 @@ pub struct KernelDataPlane {
     _ebpf: Ebpf,
 }
 
+/// Lowers the per-flow backlog limit for tests, which use it to drive flows through
+/// detaching and resuming at loopback speed; an operator has no reason to set it.
+const BACKLOG_LIMIT_VAR: &str = "EBPF_PROXY_BACKLOG_LIMIT";
+
+/// The program's FLOW_BACKLOG_LIMIT: [`DEFAULT_BACKLOG_LIMIT`] unless the environment asks
+/// for less.
+fn backlog_limit() -> u64 {
+    let Ok(text) = std::env::var(BACKLOG_LIMIT_VAR) else {
+        return DEFAULT_BACKLOG_LIMIT;
+    };
+    match text.parse::<u64>() {
+        Ok(bytes) if (64 << 10..=DEFAULT_BACKLOG_LIMIT).contains(&bytes) => bytes,
+        _ => {
+            tracing::warn!(
+                "{BACKLOG_LIMIT_VAR}={text:?} ignored: bytes from 65536 to {DEFAULT_BACKLOG_LIMIT}"
+            );
+            DEFAULT_BACKLOG_LIMIT
+        }
+    }
+}
+
 impl KernelDataPlane {
     /// Loads and attaches the verdict program, then starts the tasks that dispatch socket
     /// and program notifications. Must be called inside a tokio runtime.
     pub fn load(max_sockets: u32) -> Result<Arc<Self>, KernelLoadError> {
         let object = OBJECT.ok_or(KernelLoadError::NoObject)?;
         check_capabilities()?;
-        let backlog_limit = DEFAULT_BACKLOG_LIMIT;
+        let backlog_limit = backlog_limit();
 
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_BACKLOG_LIMIT, &backlog_limit, true)
@@ -172,6 +194,7 @@ impl KernelDataPlane {
             trimmed: AtomicU64::new(0),
             promoted: AtomicU64::new(0),
             detached: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
             declined_warned_ns: AtomicU64::new(0),
             _ebpf: ebpf,
         }))
@@ -201,9 +224,14 @@ impl KernelDataPlane {
         self.promoted.load(Ordering::Relaxed)
     }
 
-    /// Directions that left the kernel mid-connection and finished in userspace.
+    /// Times a direction left the kernel mid-connection for userspace.
     pub fn detachments(&self) -> u64 {
         self.detached.load(Ordering::Relaxed)
+    }
+
+    /// Times a detached direction came back into the kernel.
+    pub fn resumptions(&self) -> u64 {
+        self.resumed.load(Ordering::Relaxed)
     }
 
     /// Entries currently in the socket map: what leak checks compare against zero.

@@ -109,6 +109,8 @@ struct Side {
     checkpoint: AtomicU64,
     /// Check requests of this socket's flow that userspace has answered.
     checks_done: AtomicU32,
+    /// Bytes the program kept on this socket (while detached) that userspace moved on.
+    passed_moved: AtomicU64,
     /// The SO_SNDBUF this socket has now, sized by how fast it drains as a destination.
     send_buffer: AtomicU32,
     /// This socket's tcpi_bytes_acked, and the coarse monotonic time, at the last backlog
@@ -229,6 +231,7 @@ impl KernelDataPlane {
             peer_userspace: AtomicU64::new(peer_queued),
             checkpoint: AtomicU64::new(0),
             checks_done: AtomicU32::new(0),
+            passed_moved: AtomicU64::new(0),
             send_buffer: AtomicU32::new(SEND_BUFFER as u32),
             drained_mark: AtomicU64::new(0),
             drained_mark_ns: AtomicU64::new(sys::monotonic_coarse_ns()),
@@ -416,9 +419,14 @@ impl KernelConnection<'_> {
             }
         };
         let Activity {
-            transfer, trimmed, ..
+            transfer,
+            trimmed,
+            detached,
+            resumed,
         } = self.activity();
         watchdog.report(transfer);
+        self.plane.detached.fetch_add(detached, Ordering::Relaxed);
+        self.plane.resumed.fetch_add(resumed, Ordering::Relaxed);
         if trimmed > 0 {
             self.plane.trimmed.fetch_add(trimmed, Ordering::Relaxed);
             debug!("the program trimmed {trimmed} repeated bytes off retransmitted segments");
@@ -441,6 +449,8 @@ impl KernelConnection<'_> {
         Activity {
             transfer,
             trimmed: client.trimmed_bytes + upstream.trimmed_bytes,
+            detached: u64::from(client.detachments) + u64::from(upstream.detachments),
+            resumed: u64::from(client.resumptions) + u64::from(upstream.resumptions),
         }
     }
 
@@ -451,10 +461,16 @@ impl KernelConnection<'_> {
         }
         let mut audit = tokio::time::interval(AUDIT_PERIOD);
         audit.reset();
+        let mut resumed = false;
         loop {
-            let events = tokio::select! {
-                events = from.signals.read_events() => events,
-                _ = audit.tick() => NOTIFIED,
+            // Back from userspace: look at the flow again before waiting for anything.
+            let events = if std::mem::take(&mut resumed) {
+                NOTIFIED
+            } else {
+                tokio::select! {
+                    events = from.signals.read_events() => events,
+                    _ = audit.tick() => NOTIFIED,
+                }
             };
             if events & ERROR != 0 {
                 return Err(LocalFlowError::Source(socket_error(&from.stream)));
@@ -467,12 +483,17 @@ impl KernelConnection<'_> {
                 )));
             }
             if state.detached != 0 {
-                self.plane.detached.fetch_add(1, Ordering::Relaxed);
                 debug!(
                     "a flow left the kernel after {} bytes: its backlog bound passed the hard limit, or its peer left the map",
                     state.redirected_bytes
                 );
-                return self.copy_rest_in_userspace(from, to).await;
+                match self.move_kept_bytes(from, to).await? {
+                    Kept::Ended => return Ok(()),
+                    Kept::Resumed => {
+                        resumed = true;
+                        continue;
+                    }
+                }
             }
             if state.checks_requested != from.checks_done.load(Ordering::Acquire) {
                 self.check_backlog(from, to, state.checks_requested).await?;
@@ -551,6 +572,68 @@ impl KernelConnection<'_> {
         }
     }
 
+    /// Moves the bytes the program keeps on a detached flow's socket, each behind everything
+    /// redirected before it, until EOF or until the program redirects again, which it does
+    /// at the first segment after userspace has written every kept byte into the
+    /// destination (`passed_moved`, published with each chunk). The sender is held back
+    /// meanwhile (the kept bytes fill the minimal receive buffer and close its window), or
+    /// one that never pauses would keep userspace behind for good. Each chunk is peeked,
+    /// written and published before it is consumed: consuming the last one is what opens
+    /// the window again, so the sender's next segment finds the program ready to resume.
+    async fn move_kept_bytes(&self, from: &Side, to: &Side) -> Result<Kept, LocalFlowError> {
+        self.want(from, READABLE, true)?;
+        // A peer outside the map could take no redirect: stay in userspace, unheld.
+        let mut held = to.in_map;
+        if held {
+            sys::set_receive_buffer(&from.stream, 1).map_err(LocalFlowError::Source)?;
+        }
+        let mut buf = vec![0u8; MOVE_BUFFER];
+        let kept = loop {
+            match sys::peek_nonblocking(&from.stream, &mut buf) {
+                Ok(0) => {
+                    sys::shutdown_write(&to.stream).map_err(LocalFlowError::Destination)?;
+                    break Kept::Ended;
+                }
+                Ok(n) => {
+                    // Measured after the read: it counts every redirect before these bytes.
+                    let measured = self.wait_for_peer_backlog(from, to, 0).await?;
+                    self.forward_moved(from, to, &buf[..n]).await?;
+                    let moved = from.passed_moved.fetch_add(n as u64, Ordering::AcqRel) + n as u64;
+                    if to.in_map {
+                        // The last byte kept: let the window open as it is consumed. More
+                        // kept since it opened: hold the sender again.
+                        let caught_up = self.state(from).passed_bytes == moved;
+                        if held == caught_up {
+                            let bytes = if caught_up { RECEIVE_BUFFER } else { 1 };
+                            sys::set_receive_buffer(&from.stream, bytes)
+                                .map_err(LocalFlowError::Source)?;
+                            held = !caught_up;
+                        }
+                        self.publish_checkpoint(from, &measured)?;
+                    }
+                    consume(&from.stream, &mut buf[..n]).map_err(LocalFlowError::Source)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.state(from).detached == 0 {
+                        break Kept::Resumed;
+                    }
+                    let events = from.signals.read_events().await;
+                    if events & ERROR != 0 {
+                        return Err(LocalFlowError::Source(socket_error(&from.stream)));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(LocalFlowError::Source(e)),
+            }
+        };
+        if held {
+            sys::set_receive_buffer(&from.stream, RECEIVE_BUFFER)
+                .map_err(LocalFlowError::Source)?;
+        }
+        self.want(from, READABLE, false)?;
+        Ok(kept)
+    }
+
     /// The rest of a direction whose source is outside the map or detached from it: every
     /// byte is read by userspace, behind whatever was redirected before.
     async fn copy_rest_in_userspace(&self, from: &Side, to: &Side) -> Result<(), LocalFlowError> {
@@ -597,6 +680,7 @@ impl KernelConnection<'_> {
             checkpoint_bytes: from.checkpoint.load(Ordering::Acquire),
             checks_done: from.checks_done.load(Ordering::Acquire),
             _padding: 0,
+            passed_moved: from.passed_moved.load(Ordering::Acquire),
         };
         self.plane
             .maps()
@@ -753,6 +837,9 @@ struct Activity {
     transfer: Transfer,
     /// Repeated heads of retransmitted segments trimmed, both ways.
     trimmed: u64,
+    /// Times either flow left the kernel, and came back.
+    detached: u64,
+    resumed: u64,
 }
 
 /// When a peer last acknowledged a byte the relay sent it: what idle means in kernel mode.
@@ -788,6 +875,14 @@ impl Deliveries {
     }
 }
 
+/// How [`KernelConnection::move_kept_bytes`] ended.
+enum Kept {
+    /// EOF came, and the destination's write side is shut.
+    Ended,
+    /// The program redirects this flow's bytes again.
+    Resumed,
+}
+
 /// One measurement of a flow's destination (see `peer_backlog`).
 struct Backlog {
     redirected: u64,
@@ -797,6 +892,20 @@ struct Backlog {
 
 /// TCP_CLOSE from include/net/tcp_states.h.
 const TCP_CLOSE: u8 = 7;
+
+/// Takes `peeked.len()` bytes, already peeked into `peeked`, off the socket.
+fn consume(stream: &TcpStream, peeked: &mut [u8]) -> io::Result<()> {
+    let mut left = peeked.len();
+    while left > 0 {
+        match sys::recv_nonblocking(stream, &mut peeked[..left]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => left -= n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
 
 fn socket_error(stream: &TcpStream) -> io::Error {
     match stream.take_error() {

@@ -369,11 +369,12 @@ pub async fn report_status_on_sigusr1(
         let connections = open.load(Ordering::Relaxed);
         let kernel = match &plane {
             DataPlane::Kernel { plane, .. } => format!(
-                " sockets_in_map={} userspace_fallbacks={} promoted={} detached={}",
+                " sockets_in_map={} userspace_fallbacks={} promoted={} detached={} resumed={}",
                 plane.socket_entries(),
                 plane.fallbacks(),
                 plane.promotions(),
-                plane.detachments()
+                plane.detachments(),
+                plane.resumptions()
             ),
             _ => String::new(),
         };
