@@ -90,6 +90,10 @@ enum Task {
         /// instead of on the CPU that sent them.
         #[arg(long)]
         rps: bool,
+        /// Measure nothing: judge the CSVs of the last run in target/bench against the
+        /// targets for kernel mode again (prints it and writes target/bench/verdict.md).
+        #[arg(long)]
+        verdict: bool,
     },
 }
 
@@ -154,7 +158,12 @@ fn main() -> Result<()> {
             targets,
             scenes,
             rps,
+            verdict,
         } => {
+            if verdict {
+                print!("{}", bench::verdict_of_csvs(&root.join("target/bench"))?);
+                return Ok(());
+            }
             // Checked before the build, so a misspelt name fails at once.
             let plan = bench::Plan {
                 steer_receive: rps,

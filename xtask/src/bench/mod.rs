@@ -10,6 +10,7 @@ mod probe;
 mod report;
 mod scene;
 mod targets;
+mod verdict;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -22,6 +23,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 pub use probe::{Probe, echo_server, probe};
+pub use report::verdict_of_csvs;
 use scene::{Placement, Role, Scene, Topology};
 pub use targets::tokio_relay;
 use targets::{ECHO_PORT, IPERF_PORT, Running, Servers, Target};

@@ -6,9 +6,10 @@ use std::{fmt::Write as _, fs, path::Path, process::Command, time::Duration};
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    Plan, Results,
+    IdleMemory, IdleRow, LatencyRow, Plan, RateRow, Results, ThroughputRow, Transfer,
     scene::{Placement, Scene, Topology},
     targets::Target,
+    verdict,
 };
 
 /// (streams, reverse) in the order of the throughput columns.
@@ -27,7 +28,7 @@ fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
     )
 }
 
-fn median(values: Vec<f64>) -> f64 {
+pub(super) fn median(values: Vec<f64>) -> f64 {
     spread(values).0
 }
 
@@ -188,6 +189,7 @@ fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
         })
         .collect();
     if topologies.is_empty() {
+        md.push_str(&verdict::markdown(&plan.scenes, results));
         return Ok(md);
     }
     writeln!(md, "\n#### Idle connections\n")?;
@@ -235,7 +237,152 @@ fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
         plan.idle_connections,
         super::targets::fd_limit()
     )?;
+    md.push_str(&verdict::markdown(&plan.scenes, results));
     Ok(md)
+}
+
+/// The verdict on the run whose CSVs are in `dir`, judged again without measuring; also
+/// written to `dir`/verdict.md.
+pub fn verdict_of_csvs(dir: &Path) -> Result<String> {
+    let (scenes, results) = read_csvs(dir)?;
+    let markdown = verdict::markdown(&scenes, &results);
+    fs::write(dir.join("verdict.md"), &markdown)?;
+    Ok(markdown)
+}
+
+/// The results [`write_csvs`] wrote, and the scenes they cover in the report's order.
+fn read_csvs(dir: &Path) -> Result<(Vec<Scene>, Results)> {
+    let mut results = Results::default();
+    let mut seen = Vec::new();
+    for (fields, line) in csv_rows(dir, "throughput.csv", 9)? {
+        let scene = scene_of(&fields[0], &fields[1]).with_context(|| line.clone())?;
+        let (target, streams, reverse) = (
+            target_of(&fields[2]).with_context(|| line.clone())?,
+            fields[3].parse().with_context(|| line.clone())?,
+            fields[4] == "u->c",
+        );
+        let run = Transfer {
+            gbit_per_s: fields[6].parse().with_context(|| line.clone())?,
+            system_cpu_s_per_gb: fields[7].parse().with_context(|| line.clone())?,
+            relay_cpu_s_per_gb: fields[8].parse().with_context(|| line.clone())?,
+        };
+        seen.push(scene);
+        match results.throughput.iter_mut().find(|r| {
+            r.scene == scene && r.target == target && r.streams == streams && r.reverse == reverse
+        }) {
+            Some(row) => row.runs.push(run),
+            None => results.throughput.push(ThroughputRow {
+                scene,
+                target,
+                streams,
+                reverse,
+                runs: vec![run],
+            }),
+        }
+    }
+    for (fields, line) in csv_rows(dir, "latency.csv", 8)? {
+        let scene = scene_of(&fields[0], &fields[1]).with_context(|| line.clone())?;
+        let target = target_of(&fields[2]).with_context(|| line.clone())?;
+        let size: usize = fields[3].parse().with_context(|| line.clone())?;
+        let mut quantiles = [0.0; 3];
+        for (q, field) in quantiles.iter_mut().zip(&fields[5..8]) {
+            *q = field.parse().with_context(|| line.clone())?;
+        }
+        seen.push(scene);
+        match results
+            .latency
+            .iter_mut()
+            .find(|r| r.scene == scene && r.target == target && r.size == size)
+        {
+            Some(row) => row.runs.push(quantiles),
+            None => results.latency.push(LatencyRow {
+                scene,
+                target,
+                size,
+                runs: vec![quantiles],
+            }),
+        }
+    }
+    for (fields, line) in csv_rows(dir, "rate.csv", 6)? {
+        let scene = scene_of(&fields[0], &fields[1]).with_context(|| line.clone())?;
+        let target = target_of(&fields[2]).with_context(|| line.clone())?;
+        let run = (
+            fields[4].parse().with_context(|| line.clone())?,
+            fields[5].parse().with_context(|| line.clone())?,
+        );
+        seen.push(scene);
+        match results
+            .rate
+            .iter_mut()
+            .find(|r| r.scene == scene && r.target == target)
+        {
+            Some(row) => row.runs.push(run),
+            None => results.rate.push(RateRow {
+                scene,
+                target,
+                runs: vec![run],
+            }),
+        }
+    }
+    for (fields, line) in csv_rows(dir, "idle.csv", 6)? {
+        let topology = Topology::ALL
+            .into_iter()
+            .find(|t| t.name() == fields[0])
+            .with_context(|| format!("no topology {:?}: {line}", fields[0]))?;
+        let relay_rss_mib = match (fields[3].as_str(), fields[4].as_str()) {
+            ("", "") => None,
+            (rss, before) => Some((
+                rss.parse().with_context(|| line.clone())?,
+                before.parse().with_context(|| line.clone())?,
+            )),
+        };
+        results.idle.push(IdleRow {
+            topology,
+            target: target_of(&fields[1]).with_context(|| line.clone())?,
+            measured: Ok(IdleMemory {
+                connections: fields[2].parse().with_context(|| line.clone())?,
+                relay_rss_mib,
+                slab_growth_mib: fields[5].parse().with_context(|| line.clone())?,
+            }),
+        });
+    }
+    let scenes = Scene::all()
+        .into_iter()
+        .filter(|s| seen.contains(s))
+        .collect();
+    Ok((scenes, results))
+}
+
+/// The data rows of `dir`/`name`, split into `width` fields, each with its line for errors.
+fn csv_rows(dir: &Path, name: &str, width: usize) -> Result<Vec<(Vec<String>, String)>> {
+    let path = dir.join(name);
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (run `cargo xtask bench` first)", path.display()))?;
+    text.lines()
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .map(|line| {
+            let fields: Vec<String> = line.split(',').map(str::to_owned).collect();
+            if fields.len() != width {
+                bail!("{}: expected {width} fields: {line}", path.display());
+            }
+            Ok((fields, format!("{}: {line}", path.display())))
+        })
+        .collect()
+}
+
+fn scene_of(topology: &str, placement: &str) -> Result<Scene> {
+    Scene::all()
+        .into_iter()
+        .find(|s| s.topology.name() == topology && s.placement.short_name() == placement)
+        .with_context(|| format!("no scene {topology} {placement}"))
+}
+
+fn target_of(name: &str) -> Result<Target> {
+    Target::ALL
+        .into_iter()
+        .find(|t| t.name() == name)
+        .with_context(|| format!("no path named {name:?}"))
 }
 
 fn write_csvs(dir: &Path, results: &Results) -> Result<()> {
