@@ -28,7 +28,8 @@ fn port_in_use_says_so() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     let line = one_error_line(&stderr);
     assert!(
-        line.contains("cannot listen on") && line.contains("another process holds this port"),
+        line.contains("cannot listen on")
+            && line.contains("something already listens on this port"),
         "{line}"
     );
 }

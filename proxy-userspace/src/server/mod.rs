@@ -50,7 +50,9 @@ pub enum RelayError {
 
 fn bind_hint(e: &io::Error) -> &'static str {
     match e.kind() {
-        io::ErrorKind::AddrInUse => " (another process holds this port: stop it or pick another)",
+        io::ErrorKind::AddrInUse => {
+            " (something already listens on this port: `ss -ltnp` shows what; stop it or pick another port)"
+        }
         io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
         io::ErrorKind::AddrNotAvailable => " (no local interface has this address)",
         _ => "",
