@@ -108,7 +108,10 @@ fn throughput_ratio(
             let (ours, _) = throughput(results, scene, candidate, streams, reverse)?;
             let (theirs, _) = throughput(results, scene, baseline, streams, reverse)?;
             let ratio = ours / theirs;
-            Some((ratio >= least, format!("{label} {ratio:.2}x")))
+            Some((
+                ratio >= least,
+                format!("{label} {}x", figures(ratio, least, 2).0),
+            ))
         })
         .collect();
     Judged::of(checks)
@@ -130,10 +133,10 @@ fn cpu_overhead(results: &Results, scene: Scene, candidate: Target) -> Option<Ju
             let ours = overhead(candidate)?;
             let allowed = OVERHEAD_SHARE * overhead(HAPROXY_SPLICE)?;
             let ok = ours <= allowed;
-            Some((
-                ok,
-                format!("{label} {ours:.2} {} {allowed:.2}", at_most(ok)),
-            ))
+            Some((ok, {
+                let (ours, allowed) = figures(ours, allowed, 2);
+                format!("{label} {ours} {} {allowed}", at_most(ok))
+            }))
         })
         .collect();
     Judged::of(checks)
@@ -150,10 +153,10 @@ fn latency(results: &Results, scene: Scene, candidate: Target) -> Option<Judged>
                 .filter_map(|&h| p99(results, scene, h, size))
                 .reduce(f64::min)?;
             let ok = ours <= best;
-            Some((
-                ok,
-                format!("{label} {ours:.0} {} {best:.0} µs", at_most(ok)),
-            ))
+            Some((ok, {
+                let (ours, best) = figures(ours, best, 0);
+                format!("{label} {ours} {} {best} µs", at_most(ok))
+            }))
         })
         .collect();
     Judged::of(checks)
@@ -168,9 +171,11 @@ fn connection_rate(results: &Results, scene: Scene, candidate: Target) -> Option
         .reduce(f64::max)?;
     let ok = ours >= best;
     let relation = if ok { "≥" } else { "<" };
+    let ratio = ours / best;
+    let (ours, best) = figures(ours, best, 0);
     Judged::of(vec![(
         ok,
-        format!("{ours:.0}/s {relation} {best:.0}/s ({:.2}x)", ours / best),
+        format!("{ours}/s {relation} {best}/s ({ratio:.2}x)"),
     )])
 }
 
@@ -192,6 +197,23 @@ fn idle_rss(results: &Results, topology: Topology, candidate: Target) -> Option<
             measured.connections
         ),
     )])
+}
+
+/// `ours` and `bound` with `decimals` or more, as many as it takes for them to compare as
+/// they are (0.572 against 0.566, not 0.57 against 0.57).
+fn figures(ours: f64, bound: f64, decimals: usize) -> (String, String) {
+    let mut decimals = decimals;
+    loop {
+        let shown = (format!("{ours:.decimals$}"), format!("{bound:.decimals$}"));
+        let read = (
+            shown.0.parse().unwrap_or(ours),
+            shown.1.parse().unwrap_or(bound),
+        );
+        if read.0.total_cmp(&read.1) == ours.total_cmp(&bound) || decimals >= 4 {
+            return shown;
+        }
+        decimals += 1;
+    }
 }
 
 /// How a bound reads in a cell: held, or passed.
@@ -378,6 +400,15 @@ mod tests {
         results.rate.retain(|r| r.target != HAPROXIES[1]);
         assert!(latency(&results, SCENE, KERNEL).unwrap().met);
         assert!(connection_rate(&results, SCENE, KERNEL).unwrap().met);
+    }
+
+    #[test]
+    fn figures_that_round_together_get_more_decimals() {
+        let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+        assert_eq!(figures(0.572, 0.566, 2), pair("0.572", "0.566"));
+        assert_eq!(figures(0.45, 0.40, 2), pair("0.45", "0.40"));
+        assert_eq!(figures(1.199, 1.2, 2), pair("1.199", "1.200"));
+        assert_eq!(figures(1.2, 1.2, 2), pair("1.20", "1.20"));
     }
 
     #[test]
