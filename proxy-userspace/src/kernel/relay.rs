@@ -498,10 +498,14 @@ impl KernelConnection<'_> {
             if state.checks_requested != from.checks_done.load(Ordering::Acquire) {
                 self.check_backlog(from, to, state.checks_requested).await?;
             }
-            if events & HANGUP != 0 && self.reached_end(from, to).await? {
-                self.wait_for_peer_backlog(from, to, 0).await?;
-                sys::shutdown_write(&to.stream).map_err(LocalFlowError::Destination)?;
-                return Ok(());
+            if events & HANGUP != 0 {
+                if self.reached_end(from, to).await? {
+                    self.wait_for_peer_backlog(from, to, 0).await?;
+                    sys::shutdown_write(&to.stream).map_err(LocalFlowError::Destination)?;
+                    return Ok(());
+                }
+                // The flow may have detached on its last segments: look again at once.
+                resumed = true;
             }
         }
     }
@@ -557,6 +561,10 @@ impl KernelConnection<'_> {
         // the barrier waits for that to finish. Anything still readable then was never
         // handed over: move it on, in order.
         sys::socket_barrier(&from.stream).map_err(LocalFlowError::Source)?;
+        if self.state(from).detached != 0 {
+            // Its last segments were kept, not redirected: they are move_kept_bytes's.
+            return Ok(false);
+        }
         let mut buf = vec![0u8; MOVE_BUFFER];
         loop {
             match sys::recv_nonblocking(&from.stream, &mut buf) {
@@ -590,7 +598,18 @@ impl KernelConnection<'_> {
         let mut buf = vec![0u8; MOVE_BUFFER];
         let kept = loop {
             match sys::peek_nonblocking(&from.stream, &mut buf) {
+                Ok(0) if self.kept_in_backlog(from) => {
+                    debug!("EOF read ahead of kept bytes in the psock backlog: waiting for them");
+                    // Not the end yet: the worker's delivery wakes this socket.
+                    let events = from.signals.read_events().await;
+                    if events & ERROR != 0 {
+                        return Err(LocalFlowError::Source(socket_error(&from.stream)));
+                    }
+                }
                 Ok(0) => {
+                    // The flow may have resumed before its FIN: what it redirected since must
+                    // be in the destination's queue first, or the shutdown fails its send.
+                    self.wait_for_peer_backlog(from, to, 0).await?;
                     sys::shutdown_write(&to.stream).map_err(LocalFlowError::Destination)?;
                     break Kept::Ended;
                 }
@@ -632,6 +651,16 @@ impl KernelConnection<'_> {
         }
         self.want(from, READABLE, false)?;
         Ok(kept)
+    }
+
+    /// Whether kept bytes wait in the source's psock backlog rather than its queue. A kept
+    /// segment that does not fit the receive buffer (held at its minimum) is deferred to the
+    /// psock's worker, which retries a jiffy later (net/core/skmsg.c, sk_psock_backlog);
+    /// meanwhile, once the FIN is in, a read reports EOF past it (tcp_bpf_recvmsg_parser sees
+    /// no message and RCV_SHUTDOWN). Every byte the program kept has been moved only when
+    /// the counts match.
+    fn kept_in_backlog(&self, from: &Side) -> bool {
+        self.state(from).passed_bytes > from.passed_moved.load(Ordering::Acquire)
     }
 
     /// The rest of a direction whose source is outside the map or detached from it: every
