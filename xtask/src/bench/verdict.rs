@@ -132,11 +132,7 @@ fn cpu_overhead(results: &Results, scene: Scene, candidate: Target) -> Option<Ju
             };
             let ours = overhead(candidate)?;
             let allowed = OVERHEAD_SHARE * overhead(HAPROXY_SPLICE)?;
-            let ok = ours <= allowed;
-            Some((ok, {
-                let (ours, allowed) = figures(ours, allowed, 2);
-                format!("{label} {ours} {} {allowed}", at_most(ok))
-            }))
+            Some(at_most(label, ours, allowed, 2, ""))
         })
         .collect();
     Judged::of(checks)
@@ -152,11 +148,7 @@ fn latency(results: &Results, scene: Scene, candidate: Target) -> Option<Judged>
                 .iter()
                 .filter_map(|&h| p99(results, scene, h, size))
                 .reduce(f64::min)?;
-            let ok = ours <= best;
-            Some((ok, {
-                let (ours, best) = figures(ours, best, 0);
-                format!("{label} {ours} {} {best} µs", at_most(ok))
-            }))
+            Some(at_most(label, ours, best, 0, " µs"))
         })
         .collect();
     Judged::of(checks)
@@ -216,9 +208,12 @@ fn figures(ours: f64, bound: f64, decimals: usize) -> (String, String) {
     }
 }
 
-/// How a bound reads in a cell: held, or passed.
-fn at_most(ok: bool) -> &'static str {
-    if ok { "≤" } else { ">" }
+/// One upper-bound check: whether `ours` stays within `bound`, and how the cell reads it.
+fn at_most(label: &str, ours: f64, bound: f64, decimals: usize, unit: &str) -> (bool, String) {
+    let ok = ours <= bound;
+    let relation = if ok { "≤" } else { ">" };
+    let (ours, bound) = figures(ours, bound, decimals);
+    (ok, format!("{label} {ours} {relation} {bound}{unit}"))
 }
 
 /// The verdict section of the report: one row per target and path judged, one column per
