@@ -71,6 +71,33 @@ pub fn set_receive_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<(
         .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes))
 }
 
+/// Sets the receive buffer to `bytes` as the kernel counts it (SO_RCVBUF asks for half: the
+/// kernel doubles what it is given).
+pub fn set_receive_buffer_total(fd: &impl AsRawFd, bytes: u32) -> io::Result<()> {
+    let asked = libc::c_int::try_from(bytes.div_ceil(2)).unwrap_or(libc::c_int::MAX);
+    set_receive_buffer(fd, asked)
+}
+
+/// SK_MEMINFO_VARS, include/uapi/linux/sock_diag.h: the values SO_MEMINFO fills.
+const SK_MEMINFO_VARS: usize = 9;
+
+/// A socket's receive memory as the kernel charges it (true sizes, not payload bytes).
+pub struct ReceiveMemory {
+    /// Charged to the receive queues and the socket backlog.
+    pub used: u32,
+    /// The buffer (sk_rcvbuf) that charge is held to.
+    pub buffer: u32,
+}
+
+pub fn receive_memory(fd: &impl AsRawFd) -> io::Result<ReceiveMemory> {
+    let info: [u32; SK_MEMINFO_VARS] = getsockopt(fd, libc::SOL_SOCKET, libc::SO_MEMINFO)?;
+    Ok(ReceiveMemory {
+        used: info[libc::SK_MEMINFO_RMEM_ALLOC as usize]
+            .saturating_add(info[libc::SK_MEMINFO_BACKLOG as usize]),
+        buffer: info[libc::SK_MEMINFO_RCVBUF as usize],
+    })
+}
+
 /// Fixes the send buffer (and turns off its autotuning), past net.core.wmem_max with
 /// CAP_NET_ADMIN.
 pub fn set_send_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
@@ -168,15 +195,25 @@ pub fn next_unread_sequence(fd: &impl AsRawFd) -> io::Result<u32> {
 pub struct TcpInfo {
     pub state: u8,
     pub bytes_acked: u64,
+    /// The window this socket last advertised, in bytes (tcpi_rcv_wnd, Linux 6.2 on): at
+    /// most that much can still be in flight towards it.
+    pub receive_window: Option<u32>,
 }
 
 /// TCP_ESTABLISHED from include/net/tcp_states.h.
 pub const TCP_ESTABLISHED: u8 = 1;
 
-pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
-    // struct tcp_info is append-only; tcpi_bytes_acked has sat at byte 120 since Linux 4.1.
-    const BYTES_ACKED_AT: usize = 120;
-    let mut raw = [0u8; 256];
+/// struct tcp_info is append-only: offsets of the fields read, and the Linux that added them.
+mod tcp_info_at {
+    /// Linux 4.1.
+    pub const BYTES_ACKED: usize = 120;
+    /// Linux 6.2.
+    pub const RCV_WND: usize = 232;
+}
+
+/// The kernel's struct tcp_info, as far as it fills it.
+pub fn tcp_info_bytes(fd: &impl AsRawFd) -> io::Result<Vec<u8>> {
+    let mut raw = vec![0u8; 256];
     let mut len = raw.len() as libc::socklen_t;
     // SAFETY: raw and len are valid for the kernel to write.
     check(unsafe {
@@ -188,17 +225,20 @@ pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
             &mut len,
         )
     })?;
-    if (len as usize) < BYTES_ACKED_AT + 8 {
-        return Err(io::Error::other(
-            "kernel tcp_info too short for tcpi_bytes_acked",
-        ));
-    }
-    let acked: [u8; 8] = raw[BYTES_ACKED_AT..BYTES_ACKED_AT + 8]
-        .try_into()
-        .expect("8 bytes");
+    raw.truncate(len as usize);
+    Ok(raw)
+}
+
+pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
+    let raw = tcp_info_bytes(fd)?;
+    let field = |at: usize, width: usize| raw.get(at..at + width);
+    let bytes_acked = field(tcp_info_at::BYTES_ACKED, 8)
+        .ok_or_else(|| io::Error::other("kernel tcp_info too short for tcpi_bytes_acked"))?;
     Ok(TcpInfo {
         state: raw[0],
-        bytes_acked: u64::from_ne_bytes(acked),
+        bytes_acked: u64::from_ne_bytes(bytes_acked.try_into().expect("8 bytes")),
+        receive_window: field(tcp_info_at::RCV_WND, 4)
+            .map(|bytes| u32::from_ne_bytes(bytes.try_into().expect("4 bytes"))),
     })
 }
 

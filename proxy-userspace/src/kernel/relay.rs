@@ -584,17 +584,20 @@ impl KernelConnection<'_> {
     /// redirected before it, until EOF or until the program redirects again, which it does
     /// at the first segment after userspace has written every kept byte into the
     /// destination (`passed_moved`, published with each chunk). The sender is held back
-    /// meanwhile (the kept bytes fill the minimal receive buffer and close its window), or
-    /// one that never pauses would keep userspace behind for good. Each chunk is peeked,
-    /// written and published before it is consumed: consuming the last one is what opens
-    /// the window again, so the sender's next segment finds the program ready to resume.
+    /// meanwhile (see `hold_sender`; each chunk consumed comes off the receive buffer too, so
+    /// the window stays closed), or one that never pauses would keep userspace behind for
+    /// good. Each chunk is peeked, written and published before it is consumed: consuming
+    /// the last one is what opens the window again, so the sender's next segment finds the
+    /// program ready to resume.
     async fn move_kept_bytes(&self, from: &Side, to: &Side) -> Result<Kept, LocalFlowError> {
         self.want(from, READABLE, true)?;
-        // A peer outside the map could take no redirect: stay in userspace, unheld.
-        let mut held = to.in_map;
-        if held {
-            sys::set_receive_buffer(&from.stream, 1).map_err(LocalFlowError::Source)?;
-        }
+        // A peer outside the map could take no redirect: stay in userspace, unheld. Held, the
+        // receive buffer the sender is held to.
+        let mut held = if to.in_map {
+            Some(hold_sender(&from.stream).map_err(LocalFlowError::Source)?)
+        } else {
+            None
+        };
         let mut buf = vec![0u8; MOVE_BUFFER];
         let kept = loop {
             match sys::peek_nonblocking(&from.stream, &mut buf) {
@@ -620,13 +623,24 @@ impl KernelConnection<'_> {
                     let moved = from.passed_moved.fetch_add(n as u64, Ordering::AcqRel) + n as u64;
                     if to.in_map {
                         // The last byte kept: let the window open as it is consumed. More
-                        // kept since it opened: hold the sender again.
+                        // kept since it opened: hold the sender again. Still held: take
+                        // what is consumed off the buffer too, or the window opens by it.
                         let caught_up = self.state(from).passed_bytes == moved;
-                        if held == caught_up {
-                            let bytes = if caught_up { RECEIVE_BUFFER } else { 1 };
-                            sys::set_receive_buffer(&from.stream, bytes)
+                        if caught_up {
+                            if held.take().is_some() {
+                                release_sender(&from.stream).map_err(LocalFlowError::Source)?;
+                            }
+                        } else {
+                            let buffer = match held {
+                                Some(buffer) => buffer,
+                                None => {
+                                    hold_sender(&from.stream).map_err(LocalFlowError::Source)?
+                                }
+                            };
+                            let smaller = buffer.saturating_sub(n as u32);
+                            sys::set_receive_buffer_total(&from.stream, smaller)
                                 .map_err(LocalFlowError::Source)?;
-                            held = !caught_up;
+                            held = Some(smaller);
                         }
                         self.publish_checkpoint(from, &measured)?;
                     }
@@ -645,9 +659,8 @@ impl KernelConnection<'_> {
                 Err(e) => return Err(LocalFlowError::Source(e)),
             }
         };
-        if held {
-            sys::set_receive_buffer(&from.stream, RECEIVE_BUFFER)
-                .map_err(LocalFlowError::Source)?;
+        if held.is_some() {
+            release_sender(&from.stream).map_err(LocalFlowError::Source)?;
         }
         self.want(from, READABLE, false)?;
         Ok(kept)
@@ -849,6 +862,31 @@ impl Drop for KernelConnection<'_> {
     }
 }
 
+/// Holds a sender back without dropping what it already has in flight, and returns the
+/// receive buffer (as the kernel counts it) the socket is held to. A buffer cut below what
+/// then arrives drops those segments, and TCP answers with a zero window behind them; since
+/// Linux 6.17 (tcp_sequence) every later segment of the peer lies beyond that window and is
+/// dropped unread, window updates included, so this socket's own sending stalls until its
+/// window opens: two holds on one connection then wait on each other for good. So the
+/// buffer is cut to what is queued, plus twice the window last advertised (room for the
+/// true size of what may still arrive): nothing offered is dropped, and once it is in, no
+/// more is offered than that room.
+fn hold_sender(stream: &TcpStream) -> io::Result<u32> {
+    let memory = sys::receive_memory(stream)?;
+    // Without tcpi_rcv_wnd, keep the buffer: the window closes as the queue fills it.
+    let in_flight = sys::tcp_info(stream)?
+        .receive_window
+        .map_or(memory.buffer, |window| window.saturating_mul(2));
+    let buffer = memory.used.saturating_add(in_flight).min(memory.buffer);
+    sys::set_receive_buffer_total(stream, buffer)?;
+    Ok(buffer)
+}
+
+/// Undoes `hold_sender`: the full receive buffer, and with it the window, again.
+fn release_sender(stream: &TcpStream) -> io::Result<()> {
+    sys::set_receive_buffer(stream, RECEIVE_BUFFER)
+}
+
 /// The SO_SNDBUF for a destination that drained `drained` bytes in `since_ns`, if it should
 /// change from `current`: what it drains per [`SEND_BUFFER_SPAN`], within
 /// [`SEND_BUFFER`]..=[`SEND_BUFFER_MAX`]. It grows at once and shrinks only on a clear fall,
@@ -1009,5 +1047,74 @@ mod tests {
         );
         // A destination that stopped falls back to the base, never below it.
         assert_eq!(resized_send_buffer(current, 0, SPAN_NS), Some(SEND_BUFFER));
+    }
+
+    /// Whether a sender has bytes waiting to be sent and none sent unacknowledged: it is
+    /// stopped by the receiver's window, with everything it sent taken in (tcpi_unacked,
+    /// tcpi_notsent_bytes).
+    fn stopped_by_the_window(stream: &TcpStream) -> bool {
+        const UNACKED_AT: usize = 24;
+        const NOTSENT_AT: usize = 144;
+        let raw = sys::tcp_info_bytes(stream).unwrap();
+        let at = |offset: usize| u32::from_ne_bytes(raw[offset..offset + 4].try_into().unwrap());
+        at(UNACKED_AT) == 0 && at(NOTSENT_AT) > 0
+    }
+
+    /// Polls `done` until it holds, for at most ten seconds.
+    fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if done() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn a_held_sender_stops_with_nothing_it_sent_dropped() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sender = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut receiver, _) = listener.accept().unwrap();
+        sys::set_receive_buffer(&receiver, RECEIVE_BUFFER).unwrap();
+        let writer = sender.try_clone().unwrap();
+        let pushing = std::thread::spawn(move || {
+            let chunk = vec![7u8; 1 << 20];
+            while (&writer).write_all(&chunk).is_ok() {}
+        });
+        // Read while the sender runs at full speed, so megabytes are in flight at the hold.
+        let mut buf = vec![0u8; MOVE_BUFFER];
+        let mut read = 0;
+        while read < 256 << 20 {
+            read += receiver.read(&mut buf).unwrap();
+        }
+        let mut buffer = hold_sender(&receiver).unwrap();
+        // Every segment in flight was taken in, and the sender stops with its window
+        // closed. (A dropped segment stays unacknowledged: the receiver's zero window
+        // refuses it again each time it is sent.)
+        assert!(
+            eventually(|| stopped_by_the_window(&sender)),
+            "segments stay unacknowledged: the held receiver dropped them"
+        );
+        let held = sys::unread(&receiver).unwrap();
+        assert!(held > 0);
+        // Consuming with the buffer cut by as much keeps the window closed: the queue
+        // empties instead of filling again behind what is read.
+        let mut consumed = 0;
+        while consumed < held / 2 {
+            buffer = buffer.saturating_sub(MOVE_BUFFER as u32);
+            sys::set_receive_buffer_total(&receiver, buffer).unwrap();
+            consumed += receiver.read(&mut buf).unwrap();
+        }
+        let left = sys::unread(&receiver).unwrap();
+        assert!(
+            left < held - consumed / 2,
+            "{held} bytes held, {consumed} consumed, {left} queued after"
+        );
+        sender.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(receiver);
+        pushing.join().unwrap();
     }
 }
