@@ -211,9 +211,21 @@ mod tcp_info_at {
     pub const RCV_WND: usize = 232;
 }
 
-/// The kernel's struct tcp_info, as far as it fills it.
-pub fn tcp_info_bytes(fd: &impl AsRawFd) -> io::Result<Vec<u8>> {
-    let mut raw = vec![0u8; 256];
+/// The kernel's struct tcp_info, as far as it fills it: on the stack, since TCP_INFO is
+/// read on every backlog check and watchdog tick.
+pub struct TcpInfoBytes {
+    raw: [u8; 256],
+    len: usize,
+}
+
+impl TcpInfoBytes {
+    pub fn get(&self, at: usize, width: usize) -> Option<&[u8]> {
+        self.raw[..self.len].get(at..at + width)
+    }
+}
+
+pub fn tcp_info_bytes(fd: &impl AsRawFd) -> io::Result<TcpInfoBytes> {
+    let mut raw = [0u8; 256];
     let mut len = raw.len() as libc::socklen_t;
     // SAFETY: raw and len are valid for the kernel to write.
     check(unsafe {
@@ -225,19 +237,22 @@ pub fn tcp_info_bytes(fd: &impl AsRawFd) -> io::Result<Vec<u8>> {
             &mut len,
         )
     })?;
-    raw.truncate(len as usize);
-    Ok(raw)
+    Ok(TcpInfoBytes {
+        raw,
+        len: (len as usize).min(raw.len()),
+    })
 }
 
 pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
     let raw = tcp_info_bytes(fd)?;
-    let field = |at: usize, width: usize| raw.get(at..at + width);
-    let bytes_acked = field(tcp_info_at::BYTES_ACKED, 8)
+    let bytes_acked = raw
+        .get(tcp_info_at::BYTES_ACKED, 8)
         .ok_or_else(|| io::Error::other("kernel tcp_info too short for tcpi_bytes_acked"))?;
     Ok(TcpInfo {
-        state: raw[0],
+        state: raw.raw[0],
         bytes_acked: u64::from_ne_bytes(bytes_acked.try_into().expect("8 bytes")),
-        receive_window: field(tcp_info_at::RCV_WND, 4)
+        receive_window: raw
+            .get(tcp_info_at::RCV_WND, 4)
             .map(|bytes| u32::from_ne_bytes(bytes.try_into().expect("4 bytes"))),
     })
 }

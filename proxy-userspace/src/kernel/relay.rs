@@ -667,8 +667,9 @@ impl KernelConnection<'_> {
     }
 
     /// Whether kept bytes wait in the source's psock backlog rather than its queue. A kept
-    /// segment that does not fit the receive buffer (held at its minimum) is deferred to the
-    /// psock's worker, which retries a jiffy later (net/core/skmsg.c, sk_psock_backlog);
+    /// segment that finds bytes redirected to this socket queued there, or that does not fit
+    /// the held receive buffer, is deferred to the psock's worker, which retries a jiffy
+    /// later (net/core/skmsg.c, sk_psock_backlog);
     /// meanwhile, once the FIN is in, a read reports EOF past it (tcp_bpf_recvmsg_parser sees
     /// no message and RCV_SHUTDOWN). Every byte the program kept has been moved only when
     /// the counts match.
@@ -1056,7 +1057,8 @@ mod tests {
         const UNACKED_AT: usize = 24;
         const NOTSENT_AT: usize = 144;
         let raw = sys::tcp_info_bytes(stream).unwrap();
-        let at = |offset: usize| u32::from_ne_bytes(raw[offset..offset + 4].try_into().unwrap());
+        let at =
+            |offset: usize| u32::from_ne_bytes(raw.get(offset, 4).unwrap().try_into().unwrap());
         at(UNACKED_AT) == 0 && at(NOTSENT_AT) > 0
     }
 
