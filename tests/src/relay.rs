@@ -67,6 +67,8 @@ pub struct Relay {
 pub struct Status {
     pub connections: u64,
     pub sockets_in_map: Option<u64>,
+    /// Flow states and controls in the kernel maps (two of each per connection).
+    pub flow_records: Option<u64>,
     pub userspace_fallbacks: Option<u64>,
     pub tasks: u64,
 }
@@ -227,6 +229,7 @@ impl Relay {
         Status {
             connections: field("connections").expect("connections in status"),
             sockets_in_map: field("sockets_in_map"),
+            flow_records: field("flow_records"),
             userspace_fallbacks: field("userspace_fallbacks"),
             tasks: field("tasks").expect("tasks in status"),
         }

@@ -387,14 +387,21 @@ fn full_kernel_maps_fall_back_to_userspace() {
     }
     let status = relay.status();
     assert_eq!(status.sockets_in_map, Some(4));
+    // The three declined connections' records went with them.
+    assert_eq!(status.flow_records, Some(8));
     assert_eq!(status.userspace_fallbacks, Some(3));
     assert_eq!(metric(&relay.scrape(), "kernel_fallbacks_total", &[]), 3);
     let warnings = relay
         .lines
         .iter()
         .filter(|l| l.contains("kernel maps declined"))
-        .count();
-    assert_eq!(warnings, 1, "{}", relay.lines.join("\n"));
+        .collect::<Vec<_>>();
+    assert_eq!(warnings.len(), 1, "{}", relay.lines.join("\n"));
+    assert!(
+        warnings[0].contains("the kernel maps are full"),
+        "the warning says why: {}",
+        warnings[0]
+    );
 }
 
 #[test]

@@ -43,6 +43,7 @@ pub fn sequential_connections_leave_nothing_behind(plane: Plane) {
     assert_eq!(status.tasks, tasks, "{plane:?}: tasks leaked");
     if plane.uses_kernel() {
         assert_eq!(status.sockets_in_map, Some(0), "sockhash entries leaked");
+        assert_eq!(status.flow_records, Some(0), "flow records leaked");
     }
 }
 

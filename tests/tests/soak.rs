@@ -54,7 +54,12 @@ pub fn soak_keeps_every_byte_and_leaks_nothing(plane: Plane) {
     );
     let status = relay.status();
     if bpf_required() && plane.uses_kernel() {
-        assert_eq!(status.sockets_in_map, Some(0), "map entries left behind");
+        assert_eq!(
+            status.sockets_in_map,
+            Some(0),
+            "sockhash entries left behind"
+        );
+        assert_eq!(status.flow_records, Some(0), "flow records left behind");
     }
     assert!(
         status.tasks <= before.1,

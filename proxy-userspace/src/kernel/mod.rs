@@ -1,26 +1,28 @@
 //! The kernel data plane: loads the verdict program, owns its maps, and relays each
 //! connection by putting both sockets into the sockhash (see `relay.rs` for the lifecycle).
 
+mod maps;
 mod relay;
 mod watcher;
 
 use std::sync::{
-    Arc, Mutex, MutexGuard,
+    Arc,
     atomic::{AtomicU64, Ordering},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, RingBuf, SockHash},
+    maps::{MapData, MapError, RingBuf, SockHash},
     programs::{ProgramError, SkSkb},
 };
 use proxy_common::{
-    CONTROLS_MAP, DEFAULT_BACKLOG_LIMIT, EVENTS_MAP, FLOWS_MAP, FlowControl, FlowState,
-    GLOBAL_BACKLOG_LIMIT, SOCKETS_MAP, VERDICT_PROGRAM,
+    CONTROLS_MAP, DEFAULT_BACKLOG_LIMIT, EVENTS_MAP, FLOWS_MAP, GLOBAL_BACKLOG_LIMIT, SOCKETS_MAP,
+    VERDICT_PROGRAM,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
+use maps::FlowMaps;
 pub use relay::{Declined, KernelRelayError};
 use watcher::SocketWatcher;
 
@@ -89,15 +91,8 @@ fn summarize(error: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
-/// Per-flow maps, guarded together because aya's map calls take `&mut self`.
-struct FlowMaps {
-    sockets: SockHash<MapData, u64>,
-    flows: HashMap<MapData, u64, FlowState>,
-    controls: HashMap<MapData, u64, FlowControl>,
-}
-
 pub struct KernelDataPlane {
-    maps: Mutex<FlowMaps>,
+    maps: FlowMaps,
     /// The program's FLOW_BACKLOG_LIMIT: the backlog bound that makes it ask for a check;
     /// half of it throttles the sender, a quarter releases it.
     backlog_limit: u64,
@@ -183,11 +178,11 @@ impl KernelDataPlane {
         tokio::spawn(dispatch_notifications(events, Arc::clone(&watcher)));
 
         Ok(Arc::new(Self {
-            maps: Mutex::new(FlowMaps {
+            maps: FlowMaps {
                 sockets,
                 flows,
                 controls,
-            }),
+            },
             watcher,
             backlog_limit,
             fallbacks: AtomicU64::new(0),
@@ -198,11 +193,6 @@ impl KernelDataPlane {
             declined_warned_ns: AtomicU64::new(0),
             _ebpf: ebpf,
         }))
-    }
-
-    fn maps(&self) -> MutexGuard<'_, FlowMaps> {
-        // Map handles stay valid whatever a panicking holder was doing.
-        self.maps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Connections relayed in userspace because their sockets could not join the map.
@@ -236,7 +226,13 @@ impl KernelDataPlane {
 
     /// Entries currently in the socket map: what leak checks compare against zero.
     pub fn socket_entries(&self) -> usize {
-        self.maps().sockets.keys().filter(Result::is_ok).count()
+        self.maps.sockets.keys().filter(Result::is_ok).count()
+    }
+
+    /// Flow records (states and controls) currently in the maps: leak checks compare it
+    /// against zero too.
+    pub fn flow_records(&self) -> usize {
+        self.maps.flow_records()
     }
 }
 

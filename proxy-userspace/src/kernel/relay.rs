@@ -13,8 +13,11 @@
 use std::{
     io,
     net::TcpStream,
-    os::fd::AsRawFd,
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    os::fd::{AsFd as _, AsRawFd},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -81,7 +84,7 @@ impl Declined {
 #[derive(Debug, thiserror::Error)]
 pub enum KernelRelayError {
     #[error("socket cannot join the sockhash: {0}")]
-    Insert(aya::maps::MapError),
+    Insert(io::Error),
     #[error("socket is not established (a FIN or RST already arrived)")]
     NotEstablished,
     #[error("{0}")]
@@ -117,6 +120,9 @@ struct Side {
     /// check of the flow into it: where its next drain rate is measured from.
     drained_mark: AtomicU64,
     drained_mark_ns: AtomicU64,
+    /// The flow's record as the program left it once userspace saw its source's EOF: no
+    /// segment comes after a FIN, so it no longer changes and is not read again.
+    last_state: OnceLock<FlowState>,
 }
 
 /// A connection whose sockets are (being) put into the maps; Drop takes every trace out.
@@ -235,6 +241,7 @@ impl KernelDataPlane {
             send_buffer: AtomicU32::new(SEND_BUFFER as u32),
             drained_mark: AtomicU64::new(0),
             drained_mark_ns: AtomicU64::new(sys::monotonic_coarse_ns()),
+            last_state: OnceLock::new(),
         };
         let client_side = side(
             client,
@@ -261,8 +268,9 @@ impl KernelDataPlane {
         }
         // Fixed buffers: the receive buffer bounds the window a throttled sender may still
         // fill, whatever tcp_rmem lets autotuning reach; the send buffer bridges the redirect
-        // worker's retry delay. Then hold arriving bytes in the receive queues
-        // until both sockets are in the map, so no redirect finds its peer missing.
+        // worker's retry delay. Then hold the upstream's arriving bytes in its receive queue
+        // until the client is in the map too, so no redirect finds its peer missing (the
+        // client joins second, when its peer is already there).
         let prepared = [&connection.client.stream, &connection.upstream.stream]
             .into_iter()
             .try_for_each(|stream| {
@@ -272,9 +280,9 @@ impl KernelDataPlane {
                 if read_before {
                     sys::set_window_clamp(stream, 2 * RECEIVE_BUFFER)?;
                 }
-                sys::set_send_buffer(stream, SEND_BUFFER)?;
-                sys::set_receive_low_water(stream, HOLD_LOW_WATER)
-            });
+                sys::set_send_buffer(stream, SEND_BUFFER)
+            })
+            .and_then(|()| sys::set_receive_low_water(&connection.upstream.stream, HOLD_LOW_WATER));
         if let Err(e) = prepared {
             return Err(connection.give_back(KernelRelayError::Io(e)));
         }
@@ -287,8 +295,10 @@ impl KernelDataPlane {
         if let Err(e) = connection.insert(false) {
             debug!("client socket stays out of the map, its bytes move in userspace: {e}");
         }
-        // Release the hold: this runs data-ready, which hands every byte that arrived
-        // before the insert to the program, in order.
+        // Setting the mark runs data-ready, which hands every byte that arrived before the
+        // insert to the program, in order: for the upstream this releases the hold, for the
+        // client (whose mark is already 1) it is the wakeup those bytes would otherwise wait
+        // for until more arrive.
         for side in [&connection.upstream, &connection.client] {
             // Also for a socket outside the map: its readiness depends on the mark too.
             if let Err(e) = sys::set_receive_low_water(&side.stream, 1) {
@@ -301,15 +311,7 @@ impl KernelDataPlane {
 
 impl KernelConnection<'_> {
     fn install_flows(&self) -> io::Result<()> {
-        let mut maps = self.plane.maps();
-        for (from, to) in [
-            (&self.client, &self.upstream),
-            (&self.upstream, &self.client),
-        ] {
-            let control = FlowControl {
-                peer_cookie: to.cookie,
-                ..FlowControl::default()
-            };
+        let flow = |from: &Side, to: &Side| {
             let state = match from.unread_from {
                 Some(next_seq) => FlowState {
                     next_seq,
@@ -318,14 +320,19 @@ impl KernelConnection<'_> {
                 },
                 None => FlowState::default(),
             };
-            maps.flows
-                .insert(from.cookie, state, 0)
-                .map_err(io::Error::other)?;
-            maps.controls
-                .insert(from.cookie, control, 0)
-                .map_err(io::Error::other)?;
-        }
-        Ok(())
+            let control = FlowControl {
+                peer_cookie: to.cookie,
+                ..FlowControl::default()
+            };
+            (state, control)
+        };
+        self.plane.maps.install(
+            [self.client.cookie, self.upstream.cookie],
+            [
+                flow(&self.client, &self.upstream),
+                flow(&self.upstream, &self.client),
+            ],
+        )
     }
 
     fn insert(&mut self, upstream: bool) -> Result<(), KernelRelayError> {
@@ -335,9 +342,8 @@ impl KernelConnection<'_> {
             &mut self.client
         };
         self.plane
-            .maps()
-            .sockets
-            .insert(side.cookie, side.stream.as_raw_fd(), 0)
+            .maps
+            .insert_socket(side.cookie, side.stream.as_fd())
             .map_err(KernelRelayError::Insert)?;
         side.in_map = true;
         Ok(())
@@ -366,16 +372,20 @@ impl KernelConnection<'_> {
     /// here only when the sockets stay open (`closing` false): two syscalls per socket
     /// saved on every connection's teardown.
     fn remove_traces(&self, closing: bool) {
-        let mut maps = self.plane.maps();
-        for side in [&self.client, &self.upstream] {
+        let maps = &self.plane.maps;
+        let sides = [&self.client, &self.upstream];
+        for side in sides {
             if side.in_map && !closing {
                 // Removing the socket first stops the program from running for it.
-                let _ = maps.sockets.remove(&side.cookie);
+                let _ = maps.remove_socket(side.cookie);
             }
-            // A packet between this and the close finds no flow: the program keeps it on
-            // the socket (SK_PASS), as it would for a socket out of the map.
-            let _ = maps.flows.remove(&side.cookie);
-            let _ = maps.controls.remove(&side.cookie);
+        }
+        // A packet between this and the close finds no flow: the program keeps it on the
+        // socket (SK_PASS), as it would for a socket out of the map.
+        if let Err(e) = maps.remove_flows(&sides.map(|side| side.cookie)) {
+            warn!("could not delete a connection's flow records: {e}");
+        }
+        for side in sides {
             if closing {
                 self.plane.watcher.forget(side.cookie);
             } else {
@@ -475,6 +485,11 @@ impl KernelConnection<'_> {
             if events & ERROR != 0 {
                 return Err(LocalFlowError::Source(socket_error(&from.stream)));
             }
+            // The FIN runs data-ready, which hands the program everything queued before it;
+            // the barrier waits for that to finish, so the record read next is complete.
+            if events & HANGUP != 0 {
+                sys::socket_barrier(&from.stream).map_err(LocalFlowError::Source)?;
+            }
             let state = self.state(from);
             if state.seq_state == FLOW_BROKEN {
                 return Err(LocalFlowError::Source(io::Error::new(
@@ -500,6 +515,8 @@ impl KernelConnection<'_> {
             }
             if events & HANGUP != 0 {
                 if self.reached_end(from, to).await? {
+                    // Read after the barrier, with the flow still attached: final.
+                    let _ = from.last_state.set(state);
                     self.wait_for_peer_backlog(from, to, 0).await?;
                     sys::shutdown_write(&to.stream).map_err(LocalFlowError::Destination)?;
                     return Ok(());
@@ -555,16 +572,10 @@ impl KernelConnection<'_> {
         drained
     }
 
-    /// After a FIN: true once every byte before it was redirected or moved on.
+    /// After a FIN, and the barrier that found the flow still attached: true once every byte
+    /// before it was redirected or moved on. Anything still readable was never handed to the
+    /// program: move it on, in order.
     async fn reached_end(&self, from: &Side, to: &Side) -> Result<bool, LocalFlowError> {
-        // The FIN runs data-ready, which hands the program everything queued before it;
-        // the barrier waits for that to finish. Anything still readable then was never
-        // handed over: move it on, in order.
-        sys::socket_barrier(&from.stream).map_err(LocalFlowError::Source)?;
-        if self.state(from).detached != 0 {
-            // Its last segments were kept, not redirected: they are move_kept_bytes's.
-            return Ok(false);
-        }
         let mut buf = vec![0u8; MOVE_BUFFER];
         loop {
             match sys::recv_nonblocking(&from.stream, &mut buf) {
@@ -726,10 +737,9 @@ impl KernelConnection<'_> {
             passed_moved: from.passed_moved.load(Ordering::Acquire),
         };
         self.plane
-            .maps()
-            .controls
-            .insert(from.cookie, control, 0)
-            .map_err(|e| LocalFlowError::Source(io::Error::other(e)))
+            .maps
+            .publish(from.cookie, &control)
+            .map_err(LocalFlowError::Source)
     }
 
     fn peer_of(&self, side: &Side) -> &Side {
@@ -847,12 +857,11 @@ impl KernelConnection<'_> {
     }
 
     fn state(&self, side: &Side) -> FlowState {
+        if let Some(last) = side.last_state.get() {
+            return *last;
+        }
         // A missing entry reads as zeros: only possible for a flow already torn down.
-        self.plane
-            .maps()
-            .flows
-            .get(&side.cookie, 0)
-            .unwrap_or_default()
+        self.plane.maps.state(side.cookie).unwrap_or_default()
     }
 }
 

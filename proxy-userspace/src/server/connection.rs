@@ -369,8 +369,9 @@ pub async fn report_status_on_sigusr1(
         let connections = open.load(Ordering::Relaxed);
         let kernel = match &plane {
             DataPlane::Kernel { plane, .. } => format!(
-                " sockets_in_map={} userspace_fallbacks={} promoted={} detached={} resumed={}",
+                " sockets_in_map={} flow_records={} userspace_fallbacks={} promoted={} detached={} resumed={}",
                 plane.socket_entries(),
+                plane.flow_records(),
                 plane.fallbacks(),
                 plane.promotions(),
                 plane.detachments(),
