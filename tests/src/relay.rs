@@ -70,6 +70,9 @@ pub struct Status {
     /// Flow states and controls in the kernel maps (two of each per connection).
     pub flow_records: Option<u64>,
     pub userspace_fallbacks: Option<u64>,
+    /// Times a kernel-mode direction left the kernel, and came back.
+    pub detached: Option<u64>,
+    pub resumed: Option<u64>,
     pub tasks: u64,
 }
 
@@ -82,6 +85,26 @@ impl Relay {
 
     /// As [`Relay::start`], listening on `listen` (port 0 for an ephemeral one).
     pub fn start_on(plane: Plane, listen: &str, upstream: &str, extra: &[&str]) -> Option<Self> {
+        Self::start_with(plane, &[], listen, upstream, extra)
+    }
+
+    /// As [`Relay::start`], run through a wrapper command (e.g. `env NAME=VALUE`).
+    pub fn start_via(
+        plane: Plane,
+        wrapper: &[&str],
+        upstream: &str,
+        extra: &[&str],
+    ) -> Option<Self> {
+        Self::start_with(plane, wrapper, "127.0.0.1:0", upstream, extra)
+    }
+
+    fn start_with(
+        plane: Plane,
+        wrapper: &[&str],
+        listen: &str,
+        upstream: &str,
+        extra: &[&str],
+    ) -> Option<Self> {
         let forward = format!("{listen}={upstream}");
         let mut args = vec!["--forward", forward.as_str(), "--dataplane", plane.arg()];
         // Every test client is 127.0.0.1: data-plane tests run without per-IP limits.
@@ -91,7 +114,7 @@ impl Relay {
             }
         }
         args.extend_from_slice(extra);
-        match Self::spawn(&args) {
+        match Self::spawn_via(wrapper, &args) {
             Ok(relay) => Some(relay),
             Err(output) if plane == Plane::Kernel && !bpf_required() => {
                 eprintln!(
@@ -231,6 +254,8 @@ impl Relay {
             sockets_in_map: field("sockets_in_map"),
             flow_records: field("flow_records"),
             userspace_fallbacks: field("userspace_fallbacks"),
+            detached: field("detached"),
+            resumed: field("resumed"),
             tasks: field("tasks").expect("tasks in status"),
         }
     }

@@ -16,7 +16,9 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// SOAK_CONNECTIONS, SOAK_MINUTES and SOAK_MAX_MIB override the short defaults.
+/// SOAK_CONNECTIONS, SOAK_MINUTES and SOAK_MAX_MIB override the short defaults;
+/// SOAK_BACKLOG_LIMIT runs the relay with that per-flow backlog limit, so that flows detach
+/// from the kernel and resume, and then requires that they did.
 pub fn soak_keeps_every_byte_and_leaks_nothing(plane: Plane) {
     let plan = Plan {
         connections: env_or("SOAK_CONNECTIONS", 400),
@@ -25,12 +27,21 @@ pub fn soak_keeps_every_byte_and_leaks_nothing(plane: Plane) {
         max_size: env_or("SOAK_MAX_MIB", 1) << 20,
         seed: env_or("SOAK_SEED", 20261122),
     };
+    let backlog_limit: Option<u64> = std::env::var("SOAK_BACKLOG_LIMIT")
+        .ok()
+        .map(|v| v.parse().expect("SOAK_BACKLOG_LIMIT is a number of bytes"));
     let upstream = SoakUpstream::start();
-    let Some(mut relay) = Relay::start(
-        plane,
-        &upstream.addr.to_string(),
-        &["--max-connections", "20000"],
-    ) else {
+    let upstream_addr = upstream.addr.to_string();
+    let relay = match backlog_limit {
+        None => Relay::start(plane, &upstream_addr, &["--max-connections", "20000"]),
+        Some(bytes) => Relay::start_via(
+            plane,
+            &["env", &format!("EBPF_PROXY_BACKLOG_LIMIT={bytes}")],
+            &upstream_addr,
+            &["--max-connections", "20000"],
+        ),
+    };
+    let Some(mut relay) = relay else {
         return;
     };
     let before = (relay.open_fds(), relay.status().tasks, relay.rss_kib());
@@ -53,7 +64,20 @@ pub fn soak_keeps_every_byte_and_leaks_nothing(plane: Plane) {
         "{plane:?}: connections left open"
     );
     let status = relay.status();
+    if plane.uses_kernel() {
+        eprintln!(
+            "{plane:?} soak: directions detached from the kernel {} times, resumed {} times",
+            status.detached.unwrap_or(0),
+            status.resumed.unwrap_or(0)
+        );
+    }
     if bpf_required() && plane.uses_kernel() {
+        if backlog_limit.is_some() {
+            assert!(
+                status.detached > Some(0) && status.resumed > Some(0),
+                "the lowered backlog limit made no flow detach and resume: {status:?}"
+            );
+        }
         assert_eq!(
             status.sockets_in_map,
             Some(0),

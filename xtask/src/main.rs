@@ -49,6 +49,11 @@ enum Task {
         /// Connections in flight at once.
         #[arg(long, default_value_t = 64)]
         concurrency: u32,
+        /// Run the relay with this per-flow backlog limit in bytes (65536 or more; the
+        /// default is 16 MiB), so that loopback-fast flows detach from the kernel and resume
+        /// over and over; the soak then fails unless they did.
+        #[arg(long)]
+        backlog_limit: Option<u64>,
     },
     /// Run each cargo-fuzz target (PROXY header parser, config loader) for a while.
     Fuzz {
@@ -109,10 +114,15 @@ fn main() -> Result<()> {
             minutes,
             max_mib,
             concurrency,
+            backlog_limit,
         } => {
             let binary = build(&root)?;
             let object = toolchain::ebpf_object(&root);
-            run(host_cargo(&object)
+            let mut soak = host_cargo(&object);
+            if let Some(bytes) = backlog_limit {
+                soak.env("SOAK_BACKLOG_LIMIT", bytes.to_string());
+            }
+            run(soak
                 .args(["test", "--release", "--package", "integration-tests"])
                 .args(["--test", "integration", "--", "--exact"])
                 .args([
