@@ -78,7 +78,7 @@ fn name_full(e: io::Error) -> io::Error {
     if e.raw_os_error() == Some(libc::E2BIG) {
         io::Error::new(
             io::ErrorKind::StorageFull,
-            "the kernel maps are full (they hold --map-connections connections)",
+            "the kernel maps are full (they hold map_connections, --map-connections, connections)",
         )
     } else {
         e
