@@ -204,9 +204,15 @@ pub struct TcpInfo {
 pub const TCP_ESTABLISHED: u8 = 1;
 
 /// struct tcp_info is append-only: offsets of the fields read, and the Linux that added them.
-mod tcp_info_at {
+pub mod tcp_info_at {
+    /// Linux 2.6 (tcpi_unacked, in segments).
+    #[cfg(test)]
+    pub const UNACKED: usize = 24;
     /// Linux 4.1.
     pub const BYTES_ACKED: usize = 120;
+    /// Linux 4.6.
+    #[cfg(test)]
+    pub const NOTSENT_BYTES: usize = 144;
     /// Linux 6.2.
     pub const RCV_WND: usize = 232;
 }

@@ -21,12 +21,24 @@ const BPF_MAP_UPDATE_BATCH: libc::c_int = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_int = 27;
 
 pub struct FlowMaps {
-    pub sockets: SockHash<MapData, u64>,
-    pub flows: HashMap<MapData, u64, FlowState>,
-    pub controls: HashMap<MapData, u64, FlowControl>,
+    sockets: SockHash<MapData, u64>,
+    flows: HashMap<MapData, u64, FlowState>,
+    controls: HashMap<MapData, u64, FlowControl>,
 }
 
 impl FlowMaps {
+    pub fn new(
+        sockets: SockHash<MapData, u64>,
+        flows: HashMap<MapData, u64, FlowState>,
+        controls: HashMap<MapData, u64, FlowControl>,
+    ) -> Self {
+        Self {
+            sockets,
+            flows,
+            controls,
+        }
+    }
+
     /// The program's record of the flow reading from `cookie`'s socket; None once removed.
     pub fn state(&self, cookie: u64) -> Option<FlowState> {
         self.flows.get(&cookie, 0).ok()
@@ -64,6 +76,11 @@ impl FlowMaps {
     pub fn remove_flows(&self, cookies: &[u64]) -> io::Result<()> {
         delete_batch(map_fd(&self.flows), cookies)?;
         delete_batch(map_fd(&self.controls), cookies)
+    }
+
+    /// Entries in the sockhash: what leak checks compare against 0.
+    pub fn socket_entries(&self) -> usize {
+        self.sockets.keys().filter(Result::is_ok).count()
     }
 
     /// Flow records (states and controls) in the maps: what leak checks compare against 0.
@@ -130,34 +147,32 @@ fn bpf<A>(command: libc::c_int, attr: &mut A) -> io::Result<()> {
     }
 }
 
-fn update<K, V>(map: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
-    let mut attr = ElementAttr {
+fn element_attr<K>(map: BorrowedFd<'_>, key: &K, value: u64) -> ElementAttr {
+    ElementAttr {
         map_fd: map.as_raw_fd() as u32,
         _padding: 0,
         key: std::ptr::from_ref(key) as u64,
-        value: std::ptr::from_ref(value) as u64,
+        value,
         flags: 0,
-    };
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+    }
+}
+
+fn update<K, V>(map: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+    let value = std::ptr::from_ref(value) as u64;
+    bpf(BPF_MAP_UPDATE_ELEM, &mut element_attr(map, key, value))
 }
 
 fn delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
-    let mut attr = ElementAttr {
-        map_fd: map.as_raw_fd() as u32,
-        _padding: 0,
-        key: std::ptr::from_ref(key) as u64,
-        value: 0,
-        flags: 0,
-    };
-    bpf(BPF_MAP_DELETE_ELEM, &mut attr)
+    bpf(BPF_MAP_DELETE_ELEM, &mut element_attr(map, key, 0))
 }
 
-fn batch_attr<V>(map: BorrowedFd<'_>, keys: &[u64], values: Option<&[V]>) -> BatchAttr {
+/// `values`: the address of as many values as there are keys, or 0 for commands without.
+fn batch_attr(map: BorrowedFd<'_>, keys: &[u64], values: u64) -> BatchAttr {
     BatchAttr {
         in_batch: 0,
         out_batch: 0,
         keys: keys.as_ptr() as u64,
-        values: values.map_or(0, |v| v.as_ptr() as u64),
+        values,
         count: keys.len() as u32,
         map_fd: map.as_raw_fd() as u32,
         elem_flags: 0,
@@ -167,17 +182,15 @@ fn batch_attr<V>(map: BorrowedFd<'_>, keys: &[u64], values: Option<&[V]>) -> Bat
 
 fn update_batch<V>(map: BorrowedFd<'_>, keys: &[u64], values: &[V]) -> io::Result<()> {
     debug_assert_eq!(keys.len(), values.len());
-    bpf(
-        BPF_MAP_UPDATE_BATCH,
-        &mut batch_attr(map, keys, Some(values)),
-    )
+    let values = values.as_ptr() as u64;
+    bpf(BPF_MAP_UPDATE_BATCH, &mut batch_attr(map, keys, values))
 }
 
 /// Deletes every key of `keys` that is in the map. The kernel stops a batch at the first
 /// key it cannot delete, and reports how many it did before: a missing one is skipped.
 fn delete_batch(map: BorrowedFd<'_>, mut keys: &[u64]) -> io::Result<()> {
     while !keys.is_empty() {
-        let mut attr = batch_attr::<()>(map, keys, None);
+        let mut attr = batch_attr(map, keys, 0);
         match bpf(BPF_MAP_DELETE_BATCH, &mut attr) {
             Ok(()) => return Ok(()),
             Err(e)

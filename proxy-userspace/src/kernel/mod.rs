@@ -178,11 +178,7 @@ impl KernelDataPlane {
         tokio::spawn(dispatch_notifications(events, Arc::clone(&watcher)));
 
         Ok(Arc::new(Self {
-            maps: FlowMaps {
-                sockets,
-                flows,
-                controls,
-            },
+            maps: FlowMaps::new(sockets, flows, controls),
             watcher,
             backlog_limit,
             fallbacks: AtomicU64::new(0),
@@ -226,7 +222,7 @@ impl KernelDataPlane {
 
     /// Entries currently in the socket map: what leak checks compare against zero.
     pub fn socket_entries(&self) -> usize {
-        self.maps.sockets.keys().filter(Result::is_ok).count()
+        self.maps.socket_entries()
     }
 
     /// Flow records (states and controls) currently in the maps: leak checks compare it

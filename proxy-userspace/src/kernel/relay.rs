@@ -1063,12 +1063,10 @@ mod tests {
     /// stopped by the receiver's window, with everything it sent taken in (tcpi_unacked,
     /// tcpi_notsent_bytes).
     fn stopped_by_the_window(stream: &TcpStream) -> bool {
-        const UNACKED_AT: usize = 24;
-        const NOTSENT_AT: usize = 144;
         let raw = sys::tcp_info_bytes(stream).unwrap();
         let at =
             |offset: usize| u32::from_ne_bytes(raw.get(offset, 4).unwrap().try_into().unwrap());
-        at(UNACKED_AT) == 0 && at(NOTSENT_AT) > 0
+        at(sys::tcp_info_at::UNACKED) == 0 && at(sys::tcp_info_at::NOTSENT_BYTES) > 0
     }
 
     /// Polls `done` until it holds, for at most ten seconds.
