@@ -111,6 +111,12 @@ pub fn set_window_clamp(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()>
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, &bytes)
 }
 
+/// The TCP_WINDOW_CLAMP in force.
+#[cfg(test)]
+pub fn window_clamp(fd: &impl AsRawFd) -> io::Result<libc::c_int> {
+    getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP)
+}
+
 /// Returns only after any softirq that is processing a packet for this socket has finished
 /// (TCP_INFO takes the socket lock), so every byte the program counted is queued by then.
 pub fn socket_barrier(fd: &impl AsRawFd) -> io::Result<()> {
