@@ -475,10 +475,16 @@ fn chart(dir: &Path, plan: &Plan, results: &Results) -> Result<()> {
             median(runs.iter().map(|t| t.system_cpu_s_per_gb).collect()),
         )
     };
+    // Whether each panel has a figure to draw: gnuplot fails on a plot with none.
+    let mut drawn = [false; 4];
     for &target in &plan.targets {
         let mut row = format!("\"{}\"", target.name());
+        let mut cell = |row: &mut String, panel: usize, value: f64| {
+            drawn[panel] |= value.is_finite();
+            write!(row, "\t{value}")
+        };
         for scene in scenes {
-            write!(row, "\t{}", one_stream(scene, target).0)?;
+            cell(&mut row, 0, one_stream(scene, target).0)?;
         }
         for scene in scenes {
             // The issue's overhead: system-wide CPU per GB over direct's (NaN without it).
@@ -487,7 +493,7 @@ fn chart(dir: &Path, plan: &Plan, results: &Results) -> Result<()> {
             } else {
                 one_stream(scene, target).1 - one_stream(scene, Target::Direct).1
             };
-            write!(row, "\t{overhead}")?;
+            cell(&mut row, 1, overhead)?;
         }
         for scene in scenes {
             let runs = results
@@ -496,7 +502,7 @@ fn chart(dir: &Path, plan: &Plan, results: &Results) -> Result<()> {
                 .find(|r| r.scene == *scene && r.target == target && r.size == 1024)
                 .map(|r| r.runs.clone())
                 .unwrap_or_default();
-            write!(row, "\t{}", median(runs.iter().map(|q| q[1]).collect()))?;
+            cell(&mut row, 2, median(runs.iter().map(|q| q[1]).collect()))?;
         }
         for scene in scenes {
             let runs = results
@@ -505,7 +511,7 @@ fn chart(dir: &Path, plan: &Plan, results: &Results) -> Result<()> {
                 .find(|r| r.scene == *scene && r.target == target)
                 .map(|r| r.runs.clone())
                 .unwrap_or_default();
-            write!(row, "\t{}", median(runs.iter().map(|r| r.0).collect()))?;
+            cell(&mut row, 3, median(runs.iter().map(|r| r.0).collect()))?;
         }
         writeln!(data, "{row}")?;
     }
@@ -537,6 +543,21 @@ fn chart(dir: &Path, plan: &Plan, results: &Results) -> Result<()> {
     ];
     for (panel, title) in panels.iter().enumerate() {
         writeln!(script, "set title \"{title}\"")?;
+        if !drawn[panel] {
+            // An empty panel that says why: a plot of a constant outside its own range.
+            let why = if panel == 1 {
+                "not measured: needs direct in --targets"
+            } else {
+                "not measured in this run"
+            };
+            writeln!(
+                script,
+                "set label 1 \"{why}\" at graph 0.5, 0.5 center\n\
+                 unset xtics\nunset ytics\nplot [0:1] [0:1] 2 notitle\n\
+                 unset label 1\nset xtics rotate by -25 scale 0\nset ytics"
+            )?;
+            continue;
+        }
         // An overhead can be below zero: within noise of direct's.
         let floor = if panel == 1 { "*" } else { "0" };
         writeln!(script, "set yrange [{floor}:*]")?;
