@@ -105,8 +105,15 @@ pub fn set_send_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> 
         .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &bytes))
 }
 
+/// TCP_NODELAY: small writes go out at once.
+pub fn set_no_delay(fd: &impl AsRawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, &on)
+}
+
 /// TCP_WINDOW_CLAMP: the largest window this socket may advertise. Autotuning lowers it as
-/// it sizes the receive buffer, and a receive buffer fixed later does not raise it again.
+/// it sizes the receive buffer, and so does a segment arriving while the buffer is cut; a
+/// receive buffer fixed later does not raise it again.
 pub fn set_window_clamp(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, &bytes)
 }

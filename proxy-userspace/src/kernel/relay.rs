@@ -562,8 +562,7 @@ impl KernelConnection<'_> {
     /// window already granted is used (a window never shrinks). Unlike TCP_WINDOW_CLAMP,
     /// this leaves rcv_ssthresh alone, so the full window is back as soon as the buffer
     /// (and the clamp, see `restore_receive_buffer`) is: measured over loopback, 2.4 Gbit/s
-    /// against 1.2 with the clamp. Returns the
-    /// measurement that found the backlog drained.
+    /// against 1.2 with the clamp. Returns the measurement that found the backlog drained.
     async fn throttle(&self, from: &Side, to: &Side) -> Result<Backlog, LocalFlowError> {
         sys::set_receive_buffer(&from.stream, 1).map_err(LocalFlowError::Source)?;
         let drained = self

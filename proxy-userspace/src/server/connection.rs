@@ -160,8 +160,7 @@ impl Connection {
     }
 
     async fn relay(&self, mut client: TcpStream) {
-        // Relays latency-sensitive chat traffic: never hold small writes back.
-        let _ = client.set_nodelay(true);
+        // TCP_NODELAY came with the socket, from the listener (see `bind`).
         let config = &self.listener.config;
         let timeouts = &self.shared.timeouts;
         let handshake_deadline = Instant::now() + timeouts.handshake;

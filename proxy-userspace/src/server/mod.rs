@@ -28,6 +28,7 @@ use crate::{
     kernel::{KernelDataPlane, KernelLoadError},
     limits::ClientLimits,
     metrics::{self, ListenerMetrics, Metrics},
+    sys,
     tls::{self, TlsError},
     upstream::{Pins, Pool, ResolveError},
 };
@@ -497,6 +498,9 @@ fn fd_budget(plane: &DataPlane, listeners: usize) -> u32 {
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), RelayError> {
     let error = |source| RelayError::Bind { addr, source };
     let listener = TcpListener::bind(addr).await.map_err(error)?;
+    // Relays latency-sensitive chat traffic: never hold small writes back. Accepted sockets
+    // inherit it, which spares a setsockopt per connection.
+    sys::set_no_delay(&listener).map_err(error)?;
     let local = listener.local_addr().map_err(error)?;
     Ok((listener, local))
 }
@@ -545,4 +549,17 @@ fn log_listener(listener: &Listener, local: SocketAddr, plane: &DataPlane) {
             plane.name()
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_clients_never_hold_small_writes_back() {
+        let (listener, local) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let _client = tokio::net::TcpStream::connect(local).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }
