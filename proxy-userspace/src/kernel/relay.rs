@@ -274,11 +274,12 @@ impl KernelDataPlane {
         let prepared = [&connection.client.stream, &connection.upstream.stream]
             .into_iter()
             .try_for_each(|stream| {
-                sys::set_receive_buffer(stream, RECEIVE_BUFFER)?;
                 // Only autotuning before the insert lowers the clamp; a fresh socket's
                 // already spans the buffer.
                 if read_before {
-                    sys::set_window_clamp(stream, 2 * RECEIVE_BUFFER)?;
+                    restore_receive_buffer(stream)?;
+                } else {
+                    sys::set_receive_buffer(stream, RECEIVE_BUFFER)?;
                 }
                 sys::set_send_buffer(stream, SEND_BUFFER)
             })
@@ -639,7 +640,8 @@ impl KernelConnection<'_> {
                         let caught_up = self.state(from).passed_bytes == moved;
                         if caught_up {
                             if held.take().is_some() {
-                                release_sender(&from.stream).map_err(LocalFlowError::Source)?;
+                                restore_receive_buffer(&from.stream)
+                                    .map_err(LocalFlowError::Source)?;
                             }
                         } else {
                             let buffer = match held {
@@ -671,7 +673,7 @@ impl KernelConnection<'_> {
             }
         };
         if held.is_some() {
-            release_sender(&from.stream).map_err(LocalFlowError::Source)?;
+            restore_receive_buffer(&from.stream).map_err(LocalFlowError::Source)?;
         }
         self.want(from, READABLE, false)?;
         Ok(kept)
@@ -892,17 +894,13 @@ fn hold_sender(stream: &TcpStream) -> io::Result<u32> {
     Ok(buffer)
 }
 
-/// Undoes `hold_sender`: the full receive buffer, and with it the window, again.
-fn release_sender(stream: &TcpStream) -> io::Result<()> {
-    restore_receive_buffer(stream)
-}
-
-/// Gives a socket whose receive buffer was cut its full buffer and window again. The clamp
-/// has to be lifted by hand: when a segment longer than any before arrives with a new
-/// length-to-truesize ratio, the kernel sets the clamp to the window of the buffer at that
-/// moment (net/ipv4/tcp_input.c, tcp_measure_rcv_mss), and a larger SO_RCVBUF later does
-/// not raise it. Pinned at a cut buffer's window, below one MSS, the sender's segments
-/// never grow past it again and the connection crawls for good.
+/// The full receive buffer again, and the window clamp lifted, after anything that may have
+/// lowered it: a cut buffer (the throttle, `hold_sender`) or autotuning before the insert.
+/// A segment longer than any before, arriving with a new length-to-truesize ratio, sets the
+/// clamp to the window of the buffer at that moment (net/ipv4/tcp_input.c,
+/// tcp_measure_rcv_mss), and a larger SO_RCVBUF later does not raise it. Pinned at a cut
+/// buffer's window, below one MSS, the sender's segments never grow past it again and the
+/// connection crawls for good.
 fn restore_receive_buffer(stream: &TcpStream) -> io::Result<()> {
     sys::set_receive_buffer(stream, RECEIVE_BUFFER)?;
     sys::set_window_clamp(stream, 2 * RECEIVE_BUFFER)
