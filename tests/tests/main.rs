@@ -39,6 +39,7 @@ for_each_plane!(
     lifecycle::restarts_on_its_port_at_once,
     resources::sequential_connections_leave_nothing_behind,
     resources::slow_reader_memory_is_bounded,
+    resources::a_client_that_never_reads_its_echo_is_held_within_bounds,
     parity::metrics_count_the_bytes_sent,
     parity::idle_timeout_counts_traffic_both_ways,
     parity::half_closed_timeout_ends_a_one_sided_connection,

@@ -2,11 +2,13 @@
 //! relay or the kernel buffer without limit, and kernel mode keeps bytes out of the process.
 
 use std::{
-    io::Read,
-    net::TcpStream,
+    io::{self, Read, Write},
+    net::{Shutdown, TcpStream},
     thread,
     time::{Duration, Instant},
 };
+
+use sha2::{Digest as _, Sha256};
 
 use integration_tests::{
     Behaviour, Plane, Received, Relay, Upstream, exchange, meminfo_kib, metric, payload, reset,
@@ -69,11 +71,7 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
     };
     // MemAvailable moves with the whole machine (page cache, reclaim): compare medians of
     // samples, one second before the connection against the last two seconds of it.
-    let mut before = Vec::new();
-    for _ in 0..8 {
-        before.push(meminfo_kib("MemAvailable"));
-        thread::sleep(Duration::from_millis(125));
-    }
+    let before = mem_available_median();
     let mut client = TcpStream::connect(relay.addr).expect("connect");
     // Read 64 KiB per second for 8 seconds: a pacing workload, not a synchroniser.
     let started = Instant::now();
@@ -99,7 +97,7 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
         .expect("upstream push")
         .len;
     let at_end = during.split_off(during.len().saturating_sub(16));
-    let grew_mib = median(before).saturating_sub(median(at_end)) / 1024;
+    let grew_mib = before.saturating_sub(median(at_end)) / 1024;
     eprintln!(
         "{plane:?}: read {} KiB; upstream pushed {} MiB; MemAvailable fell by {grew_mib} MiB; relay RSS peaked at {} MiB; the relay's client socket had a send buffer of up to {} KiB; {detached} directions left the kernel",
         read >> 10,
@@ -136,6 +134,165 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
         "{plane:?}: upstream pushed {} MiB",
         pushed >> 20
     );
+}
+
+/// What one connection backed up both ways may make the kernel hold: each direction's bound
+/// with the test peers' buffers on its path, as above.
+const BOTH_WAYS_MIB: u64 = 2 * (KERNEL_BOUND_MIB + ENDPOINT_BUFFERS_MIB);
+/// The sending client's unit, each a different pattern, so that a reordered chunk shows.
+const CHUNK: usize = 64 << 10;
+
+/// A client that sends to an echoing upstream and does not read: the echo backs up to the
+/// client, the upstream stops reading while its writes wait, and the client's own sends back
+/// up too. What the kernel holds stays bounded, the relay keeps serving others meanwhile, and
+/// once the client reads, every byte comes back in order.
+pub fn a_client_that_never_reads_its_echo_is_held_within_bounds(plane: Plane) {
+    let upstream = Upstream::start(Behaviour::BannerThenEcho(Vec::new()));
+    let Some(mut relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
+        return;
+    };
+    let chunk = |index: usize| payload(5000 + index as u64, CHUNK);
+    let before = mem_available_median();
+    let mut client = TcpStream::connect(relay.addr).expect("connect");
+    // A send that cannot start for this long has met backpressure from both directions.
+    client
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .expect("write timeout");
+    // Twice the bound: a client that gets this far was never held back.
+    let cap = (2 * BOTH_WAYS_MIB as usize) << 20;
+    let (mut sent, mut current, mut hasher) = (0usize, chunk(0), Sha256::new());
+    let mut highest_rss = relay.rss_kib();
+    while sent < cap {
+        let at = sent % CHUNK;
+        match client.write(&current[at..]) {
+            Ok(n) => {
+                hasher.update(&current[at..at + n]);
+                sent += n;
+                if sent % CHUNK == 0 {
+                    current = chunk(sent / CHUNK);
+                    highest_rss = highest_rss.max(relay.rss_kib());
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => panic!("{plane:?}: sending failed after {sent} bytes: {e}"),
+        }
+    }
+    let held = mem_available_median();
+    let grew_mib = before.saturating_sub(held) / 1024;
+    eprintln!(
+        "{plane:?}: the client sent {} MiB before it was held; MemAvailable fell by {grew_mib} MiB; relay RSS peaked at {} MiB",
+        sent >> 20,
+        highest_rss >> 10
+    );
+    assert!(
+        sent < cap,
+        "{plane:?}: the client sent {} MiB without being held back",
+        sent >> 20
+    );
+    assert!(
+        grew_mib < BOTH_WAYS_MIB + 32,
+        "{plane:?}: MemAvailable fell by {grew_mib} MiB"
+    );
+    assert!(
+        highest_rss < 64 << 10,
+        "{plane:?}: relay RSS reached {} MiB",
+        highest_rss >> 10
+    );
+
+    let other = payload(6000, 256 << 10);
+    let echoed = exchange(
+        TcpStream::connect(relay.addr).expect("connect"),
+        other.clone(),
+    )
+    .expect("another client's echo");
+    assert_eq!(
+        echoed,
+        Received::of(&other),
+        "{plane:?}: another client was not served while one was held"
+    );
+
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let (mut received, mut expected, mut buf) = (0usize, chunk(0), vec![0u8; CHUNK]);
+    while received < sent {
+        let at = received % CHUNK;
+        let want = (CHUNK - at).min(sent - received);
+        let n = match client.read(&mut buf[..want]) {
+            Ok(0) => panic!("{plane:?}: EOF after {received} of {sent} echoed bytes"),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                panic!("{plane:?}: reading the echo failed after {received} of {sent} bytes: {e}")
+            }
+        };
+        assert!(
+            buf[..n] == expected[at..at + n],
+            "{plane:?}: the echo differs from what was sent within bytes {received}..{}",
+            received + n
+        );
+        received += n;
+        if received % CHUNK == 0 {
+            expected = chunk(received / CHUNK);
+        }
+    }
+    client.shutdown(Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).expect("the echo's end");
+    assert!(
+        rest.is_empty(),
+        "{plane:?}: {} bytes more than were sent came back",
+        rest.len()
+    );
+    let other_got = upstream
+        .next_result(Duration::from_secs(30))
+        .expect("the other client's upstream");
+    assert_eq!(
+        other_got,
+        Received::of(&other),
+        "{plane:?}: the other client's upstream"
+    );
+    let upstream_got = upstream
+        .next_result(Duration::from_secs(30))
+        .expect("upstream echo");
+    assert_eq!(
+        upstream_got,
+        Received {
+            len: sent as u64,
+            sha256: hasher.finalize().into()
+        },
+        "{plane:?}: the upstream did not receive what was sent"
+    );
+    drop(client);
+    assert!(
+        wait_until(Duration::from_secs(10), || relay.status().connections == 0),
+        "{plane:?}: the connection stayed open after both ends closed"
+    );
+    if plane.uses_kernel() {
+        assert_eq!(
+            relay.status().sockets_in_map,
+            Some(0),
+            "sockhash entries left"
+        );
+    }
+}
+
+/// Median of MemAvailable over one second, in KiB: it moves with the whole machine.
+fn mem_available_median() -> u64 {
+    let mut samples = Vec::new();
+    for _ in 0..8 {
+        samples.push(meminfo_kib("MemAvailable"));
+        // Sampling pace, not a synchroniser.
+        thread::sleep(Duration::from_millis(125));
+    }
+    median(samples)
 }
 
 fn median(mut samples: Vec<u64>) -> u64 {
