@@ -88,6 +88,9 @@ pub enum Behaviour {
     Exchange(Vec<u8>),
     /// Send the banner at once, then echo everything back until EOF.
     BannerThenEcho(Vec<u8>),
+    /// Echo everything back until EOF, reading and writing this many bytes at a time at most
+    /// (socat's 8 KiB, say).
+    EchoBy(usize),
     /// Read to EOF first, then send the reply and close.
     ReplyAfterEof(Vec<u8>),
     /// Push up to this many bytes as fast as the relay takes them; report how many went.
@@ -131,29 +134,35 @@ impl Upstream {
     }
 }
 
+/// Echoes everything back until EOF, `piece` bytes at a time at most, then shuts down.
+fn echo(mut stream: TcpStream, piece: usize) -> io::Result<Received> {
+    // Hashed as it passes, so that echoing much holds nothing in the test process.
+    let (mut hasher, mut len) = (Sha256::new(), 0u64);
+    let mut buf = vec![0u8; piece];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        stream.write_all(&buf[..n])?;
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    Ok(Received {
+        len,
+        sha256: hasher.finalize().into(),
+    })
+}
+
 fn serve(mut stream: TcpStream, behaviour: Behaviour) -> io::Result<Received> {
     match behaviour {
         Behaviour::Exchange(data) => exchange(stream, data),
         Behaviour::BannerThenEcho(banner) => {
             stream.write_all(&banner)?;
-            // Hashed as it passes, so that echoing much holds nothing in the test process.
-            let (mut hasher, mut len) = (Sha256::new(), 0u64);
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = stream.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                stream.write_all(&buf[..n])?;
-                hasher.update(&buf[..n]);
-                len += n as u64;
-            }
-            stream.shutdown(Shutdown::Write)?;
-            Ok(Received {
-                len,
-                sha256: hasher.finalize().into(),
-            })
+            echo(stream, 64 * 1024)
         }
+        Behaviour::EchoBy(piece) => echo(stream, piece),
         Behaviour::ReplyAfterEof(reply) => {
             let received = read_to_end_hashed(&mut stream)?;
             stream.write_all(&reply)?;

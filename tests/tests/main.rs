@@ -63,6 +63,11 @@ fn auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_kernel
 }
 
 #[test]
+fn a_detached_flow_that_keeps_without_end_is_reset() {
+    resources::a_detached_flow_that_keeps_without_end_is_reset();
+}
+
+#[test]
 fn kernel_mode_moves_bytes_without_the_relay_process() {
     resources::kernel_mode_moves_bytes_without_the_relay_process();
 }

@@ -109,6 +109,10 @@ pub struct KernelDataPlane {
     /// When the last "maps declined" warning was logged (coarse monotonic ns; 0: never):
     /// at most one a minute, however many connections are declined.
     declined_warned_ns: AtomicU64,
+    /// Connections reset because a detached flow kept more than the kernel can be left to
+    /// hold (see `relay::KEPT_LIMIT`), and when that was last logged.
+    kept_resets: AtomicU64,
+    kept_reset_warned_ns: AtomicU64,
     watcher: Arc<SocketWatcher>,
     // Dropping the Ebpf detaches the program and frees the maps: it lives as long as we do.
     _ebpf: Ebpf,
@@ -187,6 +191,8 @@ impl KernelDataPlane {
             detached: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
             declined_warned_ns: AtomicU64::new(0),
+            kept_resets: AtomicU64::new(0),
+            kept_reset_warned_ns: AtomicU64::new(0),
             _ebpf: ebpf,
         }))
     }

@@ -34,7 +34,7 @@ use crate::{
 };
 
 /// The shortest gap between two "kernel maps declined" warnings.
-const DECLINED_WARNING_EVERY: Duration = Duration::from_secs(60);
+const WARNING_EVERY: Duration = Duration::from_secs(60);
 /// How often a connection re-reads its flows in case a notification was lost to a full
 /// ring buffer.
 const AUDIT_PERIOD: Duration = Duration::from_secs(5);
@@ -61,6 +61,14 @@ const SEND_BUFFER_SPAN: Duration = Duration::from_millis(64);
 /// SO_RCVLOWAT during setup: above any window (the kernel caps it at half the largest
 /// receive buffer), so data-ready, and with it the program, waits for the release.
 const HOLD_LOW_WATER: libc::c_int = libc::c_int::MAX;
+/// The most bytes a detached flow may keep in the kernel that userspace has not moved yet.
+/// A kept segment that finds bytes for this socket's own peer queued in its psock waits
+/// behind them, charged to no buffer (net/core/skmsg.c, sk_psock_verdict_apply), so TCP
+/// keeps the sender's window open; when that peer reads nothing, the queue grows without
+/// end (2 GiB in a few seconds, measured). A hold leaves at most a window or two kept.
+const KEPT_LIMIT: u64 = 64 << 20;
+/// How often a detached flow waiting for its kept bytes counts them against [`KEPT_LIMIT`].
+const KEPT_POLL: Duration = Duration::from_millis(10);
 /// The redirect backlog gives no wakeup when it empties, so its drain is polled, backing
 /// off from the first value to the second.
 const BACKLOG_POLL: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(16));
@@ -153,14 +161,7 @@ impl KernelDataPlane {
             if matches!(declined.reason, KernelRelayError::NotEstablished) {
                 return;
             }
-            let now = sys::monotonic_coarse_ns();
-            let last = self.declined_warned_ns.load(Ordering::Relaxed);
-            if (last == 0 || now.saturating_sub(last) >= DECLINED_WARNING_EVERY.as_nanos() as u64)
-                && self
-                    .declined_warned_ns
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
+            if once_a_minute(&self.declined_warned_ns) {
                 warn!(
                     "kernel maps declined a connection ({}): relaying it in userspace ({total} fallbacks so far; next notice in a minute at the earliest)",
                     declined.reason
@@ -600,8 +601,20 @@ impl KernelConnection<'_> {
     /// the window stays closed), or one that never pauses would keep userspace behind for
     /// good. Each chunk is peeked, written and published before it is consumed: consuming
     /// the last one is what opens the window again, so the sender's next segment finds the
-    /// program ready to resume.
+    /// program ready to resume. Past [`KEPT_LIMIT`] kept bytes unmoved, the connection is
+    /// reset.
     async fn move_kept_bytes(&self, from: &Side, to: &Side) -> Result<Kept, LocalFlowError> {
+        tokio::select! {
+            kept = self.move_kept_bytes_unguarded(from, to) => kept,
+            overflow = self.kept_overflow(from) => Err(overflow),
+        }
+    }
+
+    async fn move_kept_bytes_unguarded(
+        &self,
+        from: &Side,
+        to: &Side,
+    ) -> Result<Kept, LocalFlowError> {
         self.want(from, READABLE, true)?;
         // A peer outside the map could take no redirect: stay in userspace, unheld. Held, the
         // receive buffer the sender is held to.
@@ -616,10 +629,7 @@ impl KernelConnection<'_> {
                 Ok(0) if self.kept_in_backlog(from) => {
                     debug!("EOF read ahead of kept bytes in the psock backlog: waiting for them");
                     // Not the end yet: the worker's delivery wakes this socket.
-                    let events = from.signals.read_events().await;
-                    if events & ERROR != 0 {
-                        return Err(LocalFlowError::Source(socket_error(&from.stream)));
-                    }
+                    self.wait_readable(from).await?;
                 }
                 Ok(0) => {
                     // The flow may have resumed before its FIN: what it redirected since must
@@ -663,10 +673,7 @@ impl KernelConnection<'_> {
                     if self.state(from).detached == 0 {
                         break Kept::Resumed;
                     }
-                    let events = from.signals.read_events().await;
-                    if events & ERROR != 0 {
-                        return Err(LocalFlowError::Source(socket_error(&from.stream)));
-                    }
+                    self.wait_readable(from).await?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(LocalFlowError::Source(e)),
@@ -677,6 +684,41 @@ impl KernelConnection<'_> {
         }
         self.want(from, READABLE, false)?;
         Ok(kept)
+    }
+
+    async fn wait_readable(&self, from: &Side) -> Result<(), LocalFlowError> {
+        let events = from.signals.read_events().await;
+        if events & ERROR != 0 {
+            return Err(LocalFlowError::Source(socket_error(&from.stream)));
+        }
+        Ok(())
+    }
+
+    /// Returns once more than [`KEPT_LIMIT`] kept bytes wait in the kernel, unmoved: they
+    /// are charged to no buffer there, so nothing else would stop them growing.
+    async fn kept_overflow(&self, from: &Side) -> LocalFlowError {
+        let mut poll = tokio::time::interval(KEPT_POLL);
+        loop {
+            poll.tick().await;
+            let waiting = self
+                .state(from)
+                .passed_bytes
+                .saturating_sub(from.passed_moved.load(Ordering::Acquire));
+            if waiting > KEPT_LIMIT {
+                let total = self.plane.kept_resets.fetch_add(1, Ordering::Relaxed) + 1;
+                if once_a_minute(&self.plane.kept_reset_warned_ns) {
+                    warn!(
+                        "reset a connection one of whose ends sent {} MiB that waited in the kernel while the other read nothing ({total} such resets so far; next notice in a minute at the earliest)",
+                        waiting >> 20
+                    );
+                }
+                return LocalFlowError::Source(io::Error::other(format!(
+                    "{} MiB from this side wait in the kernel for a destination that reads nothing (the limit is {} MiB): reset rather than hold more",
+                    waiting >> 20,
+                    KEPT_LIMIT >> 20
+                )));
+            }
+        }
     }
 
     /// Whether kept bytes wait in the source's psock backlog rather than its queue. A kept
@@ -883,6 +925,17 @@ impl Drop for KernelConnection<'_> {
 /// buffer is cut to what is queued, plus twice the window last advertised (room for the
 /// true size of what may still arrive): nothing offered is dropped, and once it is in, no
 /// more is offered than that room.
+/// True at most once per [`WARNING_EVERY`] for one `last` (coarse monotonic ns of the last
+/// true; 0: never), however many tasks ask.
+fn once_a_minute(last: &AtomicU64) -> bool {
+    let now = sys::monotonic_coarse_ns();
+    let then = last.load(Ordering::Relaxed);
+    (then == 0 || now.saturating_sub(then) >= WARNING_EVERY.as_nanos() as u64)
+        && last
+            .compare_exchange(then, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 fn hold_sender(stream: &TcpStream) -> io::Result<u32> {
     let memory = sys::receive_memory(stream)?;
     // Without tcpi_rcv_wnd, keep the buffer: the window closes as the queue fills it.
