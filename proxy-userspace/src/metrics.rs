@@ -170,17 +170,19 @@ impl Metrics {
                 })
             }),
         );
-        let (sockets, fallbacks, trimmed, promoted, detached, resumed) = match &self.plane {
-            DataPlane::Kernel { plane, .. } => (
-                plane.socket_entries() as u64,
-                plane.fallbacks(),
-                plane.trimmed_bytes(),
-                plane.promotions(),
-                plane.detachments(),
-                plane.resumptions(),
-            ),
-            _ => (0, 0, 0, 0, 0, 0),
-        };
+        let (sockets, fallbacks, trimmed, promoted, detached, resumed, kept_resets) =
+            match &self.plane {
+                DataPlane::Kernel { plane, .. } => (
+                    plane.socket_entries() as u64,
+                    plane.fallbacks(),
+                    plane.trimmed_bytes(),
+                    plane.promotions(),
+                    plane.detachments(),
+                    plane.resumptions(),
+                    plane.kept_resets(),
+                ),
+                _ => (0, 0, 0, 0, 0, 0, 0),
+            };
         family(
             "dataplane_info",
             "gauge",
@@ -216,6 +218,12 @@ impl Metrics {
             "counter",
             "Times a detached direction came back into the kernel, once userspace had moved every byte kept for it (closed connections).",
             &mut std::iter::once((String::new(), resumed)),
+        );
+        family(
+            "kernel_kept_resets_total",
+            "counter",
+            "Connections reset because a detached direction had more than 64 MiB waiting in the kernel while its destination read nothing.",
+            &mut std::iter::once((String::new(), kept_resets)),
         );
         family(
             "kernel_retransmitted_bytes_trimmed_total",

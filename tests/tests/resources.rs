@@ -287,7 +287,7 @@ pub fn a_detached_flow_that_keeps_without_end_is_reset() {
         Plane::Kernel,
         &["env", "EBPF_PROXY_BACKLOG_LIMIT=1048576"],
         &upstream.relay_target(),
-        &[],
+        &["--metrics", "127.0.0.1:0"],
     ) else {
         return;
     };
@@ -315,6 +315,11 @@ pub fn a_detached_flow_that_keeps_without_end_is_reset() {
         }
         reset(client);
     }
+    assert_eq!(
+        metric(&relay.scrape(), "kernel_kept_resets_total", &[]),
+        resets,
+        "the metric counts every reset the clients saw"
+    );
     if resets > 0 {
         assert!(
             relay

@@ -226,6 +226,11 @@ impl KernelDataPlane {
         self.resumed.load(Ordering::Relaxed)
     }
 
+    /// Connections reset because a detached flow kept too much in the kernel.
+    pub fn kept_resets(&self) -> u64 {
+        self.kept_resets.load(Ordering::Relaxed)
+    }
+
     /// Entries currently in the socket map: what leak checks compare against zero.
     pub fn socket_entries(&self) -> usize {
         self.maps.socket_entries()
