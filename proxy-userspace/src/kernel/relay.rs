@@ -33,7 +33,7 @@ use crate::{
     sys,
 };
 
-/// The shortest gap between two "kernel maps declined" warnings.
+/// The shortest gap between two warnings of one kind (maps declined, kept-bytes resets).
 const WARNING_EVERY: Duration = Duration::from_secs(60);
 /// How often a connection re-reads its flows in case a notification was lost to a full
 /// ring buffer.
@@ -686,6 +686,7 @@ impl KernelConnection<'_> {
         Ok(kept)
     }
 
+    /// Waits for the next read-side event on `from`; a socket error ends the flow.
     async fn wait_readable(&self, from: &Side) -> Result<(), LocalFlowError> {
         let events = from.signals.read_events().await;
         if events & ERROR != 0 {
@@ -744,12 +745,7 @@ impl KernelConnection<'_> {
             match sys::recv_nonblocking(&from.stream, &mut buf) {
                 Ok(0) => break,
                 Ok(n) => self.forward_moved(from, to, &buf[..n]).await?,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let events = from.signals.read_events().await;
-                    if events & ERROR != 0 {
-                        return Err(LocalFlowError::Source(socket_error(&from.stream)));
-                    }
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_readable(from).await?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(LocalFlowError::Source(e)),
             }
@@ -916,15 +912,6 @@ impl Drop for KernelConnection<'_> {
     }
 }
 
-/// Holds a sender back without dropping what it already has in flight, and returns the
-/// receive buffer (as the kernel counts it) the socket is held to. A buffer cut below what
-/// then arrives drops those segments, and TCP answers with a zero window behind them; since
-/// Linux 6.17 (tcp_sequence) every later segment of the peer lies beyond that window and is
-/// dropped unread, window updates included, so this socket's own sending stalls until its
-/// window opens: two holds on one connection then wait on each other for good. So the
-/// buffer is cut to what is queued, plus twice the window last advertised (room for the
-/// true size of what may still arrive): nothing offered is dropped, and once it is in, no
-/// more is offered than that room.
 /// True at most once per [`WARNING_EVERY`] for one `last` (coarse monotonic ns of the last
 /// true; 0: never), however many tasks ask.
 fn once_a_minute(last: &AtomicU64) -> bool {
@@ -936,6 +923,15 @@ fn once_a_minute(last: &AtomicU64) -> bool {
             .is_ok()
 }
 
+/// Holds a sender back without dropping what it already has in flight, and returns the
+/// receive buffer (as the kernel counts it) the socket is held to. A buffer cut below what
+/// then arrives drops those segments, and TCP answers with a zero window behind them; since
+/// Linux 6.17 (tcp_sequence) every later segment of the peer lies beyond that window and is
+/// dropped unread, window updates included, so this socket's own sending stalls until its
+/// window opens: two holds on one connection then wait on each other for good. So the
+/// buffer is cut to what is queued, plus twice the window last advertised (room for the
+/// true size of what may still arrive): nothing offered is dropped, and once it is in, no
+/// more is offered than that room.
 fn hold_sender(stream: &TcpStream) -> io::Result<u32> {
     let memory = sys::receive_memory(stream)?;
     // Without tcpi_rcv_wnd, keep the buffer: the window closes as the queue fills it.
