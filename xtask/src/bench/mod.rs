@@ -6,6 +6,8 @@
 //! connection rate, and the memory of 10,000 idle connections. Writes a Markdown report, one
 //! CSV per workload and a PNG chart to target/bench.
 
+mod chart;
+mod csv;
 mod probe;
 mod report;
 mod scene;
@@ -22,8 +24,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub use csv::verdict_of_csvs;
 pub use probe::{Probe, echo_server, probe};
-pub use report::verdict_of_csvs;
 use scene::{Placement, Role, Scene, Topology};
 pub use targets::tokio_relay;
 use targets::{ECHO_PORT, IPERF_PORT, Running, Servers, Target};
@@ -43,6 +45,9 @@ pub struct Plan {
     /// With the endpoints apart, spread the relay namespace's receive processing over every
     /// CPU (RPS).
     pub steer_receive: bool,
+    /// Every path in every scene with the default plan: its report becomes
+    /// docs/performance.md.
+    pub publish: bool,
 }
 
 /// Which cells `cargo xtask bench` measures: every path in every scene unless narrowed.
@@ -65,6 +70,11 @@ impl Plan {
             t.key().to_owned()
         })?;
         let scenes = select("--scenes", &selection.scenes, Scene::all(), Scene::key)?;
+        let publish = !quick
+            && selection.targets.is_empty()
+            && selection.scenes.is_empty()
+            && runs.is_none()
+            && seconds.is_none();
         let base = if quick {
             Self {
                 runs: 1,
@@ -76,6 +86,7 @@ impl Plan {
                 targets,
                 scenes,
                 steer_receive: false,
+                publish,
             }
         } else {
             Self {
@@ -88,6 +99,7 @@ impl Plan {
                 targets,
                 scenes,
                 steer_receive: false,
+                publish,
             }
         };
         Ok(Self {
@@ -254,8 +266,14 @@ pub fn bench(root: &Path, binary: &Path, helper: &Path, plan: &Plan) -> Result<(
             }
         }
     }
-    let written = report::write(&scratch, plan, &results, started.elapsed())?;
-    println!("{written}");
+    let markdown = report::write(&scratch, plan, &results, started.elapsed())?;
+    println!(
+        "{markdown}\nwritten to target/bench: bench.md, bench.png, throughput.csv, latency.csv, rate.csv, idle.csv"
+    );
+    if plan.publish {
+        report::publish(root, &markdown)?;
+        println!("and to docs/performance.md");
+    }
     Ok(())
 }
 
