@@ -26,6 +26,32 @@ pub const GLOBAL_BACKLOG_LIMIT: &str = "FLOW_BACKLOG_LIMIT";
 /// 32 MiB 15-20, at the price of kernel memory per slow connection.
 pub const DEFAULT_BACKLOG_LIMIT: u64 = 16 << 20;
 
+/// The bound at which the program stops redirecting and detaches the flow, for a backlog
+/// limit of `limit`: userspace has not answered its checks in time, and keeping the bytes on
+/// the receiving socket charges them to its receive buffer, so TCP itself closes the window.
+pub const fn hard_limit(limit: u64) -> u64 {
+    limit.wrapping_mul(4)
+}
+
+/// The measured backlog from which userspace throttles the sender (cuts its receive
+/// buffer), for a backlog limit of `limit`.
+pub const fn throttle_from(limit: u64) -> u64 {
+    limit / 2
+}
+
+/// The measured backlog at or below which a throttled sender is released.
+pub const fn release_at(limit: u64) -> u64 {
+    limit / 4
+}
+
+/// The most bytes a detached flow may keep in the kernel that userspace has not moved yet
+/// ([`FlowState::passed_bytes`] minus [`FlowControl::passed_moved`]); past it userspace
+/// resets the connection. A kept segment that finds bytes for this socket's own peer queued
+/// in its psock waits behind them, charged to no buffer (net/core/skmsg.c,
+/// sk_psock_verdict_apply), so TCP keeps the sender's window open; when that peer reads
+/// nothing, the queue would grow without end.
+pub const KEPT_LIMIT: u64 = 64 << 20;
+
 /// Capacity of the socket and flow maps: two entries per relayed connection.
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
 /// Ring buffer size in bytes (a power of two, multiple of the page size).
@@ -41,8 +67,10 @@ pub struct FlowState {
     pub passed_bytes: u64,
     /// `bpf_ktime_get_coarse_ns()` when the last byte arrived.
     pub last_active_ns: u64,
-    /// Non-zero once a redirect failed (peer not in the map): from then on every byte is
-    /// kept for userspace, so order holds without any handover.
+    /// Non-zero while the flow is detached: a redirect failed (peer not in the map) or the
+    /// backlog bound reached [`hard_limit`]. Every byte is then kept for userspace, which
+    /// moves it on in order; the flow redirects again at the first segment after userspace
+    /// has moved every kept byte ([`FlowControl::passed_moved`]).
     pub detached: u32,
     /// How many times the program asked userspace to measure the peer's backlog (when its
     /// bound reached [`GLOBAL_BACKLOG_LIMIT`]). While this differs from

@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     DEFAULT_BACKLOG_LIMIT, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, FLOW_BROKEN, FlowControl,
-    FlowState, SEQ_TRACKED, SEQ_UNKNOWN,
+    FlowState, SEQ_TRACKED, SEQ_UNKNOWN, hard_limit,
 };
 
 #[map]
@@ -46,10 +46,6 @@ static RELAY_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 // Set by userspace at load time; read-only to the verifier, which sees it as a constant.
 #[unsafe(no_mangle)]
 static FLOW_BACKLOG_LIMIT: u64 = DEFAULT_BACKLOG_LIMIT;
-
-/// Past this many times the limit (64 MiB by default) the flow detaches rather than let the
-/// backlog grow further.
-const HARD_LIMIT_FACTOR: u64 = 4;
 
 /// The most one bpf_skb_adjust_room call removes from a segment's head.
 const TRIM_STEP: u32 = 0xfff;
@@ -108,10 +104,10 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
         flow.resumptions = flow.resumptions.wrapping_add(1);
         notify(cookie);
     }
-    if backlog_bound >= limit.wrapping_mul(HARD_LIMIT_FACTOR) {
+    if backlog_bound >= hard_limit(limit) {
         // Userspace has not checked in time. Keeping the bytes here charges them to this
         // socket's receive buffer, so TCP itself closes the window: a bound that does not
-        // depend on userspace. The flow stays in userspace from then on.
+        // depend on userspace. The flow resumes once userspace has moved what was kept.
         return Ok(detach(cookie, flow, len));
     }
     if backlog_bound >= limit && flow.checks_requested == control.checks_done {

@@ -1,17 +1,10 @@
 //! The command line: run the relay (the default), or `check`, `config`, `status`.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{
-    config::{Forward, Overrides, Pin, Preset, Source, parse_duration},
-    dataplane::DataPlaneChoice,
-};
+use crate::config::{Overrides, Preset, Source};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -61,76 +54,8 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub preset: Option<Preset>,
 
-    /// Also listen on LISTEN (IP:PORT or [IPv6]:PORT) and relay to UPSTREAM (HOST:PORT).
-    /// Repeatable.
-    #[arg(long = "forward", value_name = "LISTEN=UPSTREAM")]
-    pub forwards: Vec<Forward>,
-
-    /// The address every configured listener binds to, instead of the file's.
-    #[arg(long, value_name = "IP")]
-    pub bind: Option<IpAddr>,
-
-    /// Resolve HOST to IP without DNS. Repeatable (several IPs for one host are a list).
-    #[arg(long = "resolve", value_name = "HOST=IP")]
-    pub pins: Vec<Pin>,
-
-    /// How bytes move: kernel (eBPF sockmap), splice, copy, or auto (kernel when the eBPF
-    /// program loads, otherwise splice).
-    #[arg(long, value_enum)]
-    pub dataplane: Option<DataPlaneChoice>,
-
-    /// Time the upstream has to accept (e.g. 5s).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub connect_timeout: Option<Duration>,
-
-    /// Time a client has to finish its PROXY header and TLS handshake.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub handshake_timeout: Option<Duration>,
-
-    /// Close a connection after this long without bytes in either direction.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub idle_timeout: Option<Duration>,
-
-    /// Close a connection this long after one side finished sending.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub half_closed_timeout: Option<Duration>,
-
-    /// After SIGTERM, how long open connections may take to finish (SIGINT closes at once).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub drain_timeout: Option<Duration>,
-
-    /// Connections relayed at once; further clients wait in the listen backlog.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub max_connections: Option<u32>,
-
-    /// Connections the kernel maps hold (default: --max-connections); beyond it,
-    /// connections are relayed in userspace and counted as fallbacks.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub map_connections: Option<u32>,
-
-    /// Concurrent connections per client IP (IPv6: per /64); 0 for no limit.
-    #[arg(long, value_name = "N")]
-    pub per_ip_connections: Option<u32>,
-
-    /// New connections per second per client IP (IPv6: per /64); 0 for no limit.
-    #[arg(long, value_name = "N")]
-    pub per_ip_rate: Option<u32>,
-
-    /// Serve Prometheus metrics at http://IP:PORT/metrics (keep it on loopback).
-    #[arg(long, value_name = "IP:PORT")]
-    pub metrics: Option<SocketAddr>,
-
-    /// PEM certificate chain for TLS listeners (default: self-signed, made at start).
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-
-    /// PEM private key for --tls-cert.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-
-    /// Write client addresses in logs (off by default, for the users' privacy).
-    #[arg(long)]
-    pub log_clients: bool,
+    #[command(flatten)]
+    pub overrides: Overrides,
 }
 
 impl RunArgs {
@@ -139,30 +64,8 @@ impl RunArgs {
         match (&self.config, self.preset) {
             (Some(path), _) => Source::File(path.clone()),
             (None, Some(preset)) => Source::Preset(preset),
-            (None, None) if !self.forwards.is_empty() => Source::Forwards,
+            (None, None) if !self.overrides.forwards.is_empty() => Source::Forwards,
             (None, None) => Source::Preset(Preset::Whatsapp),
-        }
-    }
-
-    pub fn overrides(&self) -> Overrides {
-        Overrides {
-            forwards: self.forwards.clone(),
-            bind: self.bind,
-            pins: self.pins.clone(),
-            dataplane: self.dataplane,
-            log_clients: self.log_clients,
-            map_connections: self.map_connections,
-            max_connections: self.max_connections,
-            per_ip_connections: self.per_ip_connections,
-            per_ip_rate: self.per_ip_rate,
-            connect_timeout: self.connect_timeout,
-            handshake_timeout: self.handshake_timeout,
-            idle_timeout: self.idle_timeout,
-            half_closed_timeout: self.half_closed_timeout,
-            drain_timeout: self.drain_timeout,
-            metrics: self.metrics,
-            tls_cert: self.tls_cert.clone(),
-            tls_key: self.tls_key.clone(),
         }
     }
 }
@@ -191,5 +94,19 @@ mod tests {
             Some(Command::Check { .. })
         ));
         assert!(parse(&["check", "--config", "f", "--forward", "x"]).is_err());
+        assert!(parse(&["--max-connections", "0"]).is_err());
+        assert!(parse(&["--tls-key", "k.pem"]).is_err());
+        // A flag given is a value in the command line's layer; one not given is none.
+        let cli = parse(&["--log-clients", "--idle-timeout", "7s"]).unwrap();
+        let settings = &cli.run.overrides.settings;
+        assert_eq!(settings.relay.log_clients, Some(true));
+        assert_eq!(
+            settings.timeouts.idle,
+            Some(std::time::Duration::from_secs(7))
+        );
+        assert_eq!(
+            parse(&[]).unwrap().run.overrides.settings.relay.log_clients,
+            None
+        );
     }
 }

@@ -5,6 +5,7 @@
 mod accept;
 pub mod cli;
 pub mod config;
+pub mod counters;
 pub mod dataplane;
 pub mod kernel;
 mod limits;
@@ -13,6 +14,7 @@ pub mod proxy_protocol;
 mod server;
 mod sys;
 pub mod tls;
+pub mod transfer;
 pub mod upstream;
 
 pub use server::{RelayError, Signal, choose_data_plane, run};

@@ -8,7 +8,7 @@ use std::{
     time::Instant,
 };
 
-use crate::{config::Limits, metrics::Refusal};
+use crate::{config::Limits, counters::Refusal};
 
 /// Above this many tracked addresses, entries with nothing open and a full bucket are
 /// dropped; what remains is bounded by open connections and one second of new ones.

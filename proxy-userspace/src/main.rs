@@ -31,7 +31,8 @@ async fn main() -> ExitCode {
             .map(|text| print!("{text}"))
             .map_err(Into::into),
         None => {
-            let (source, overrides) = (cli.run.source(), cli.run.overrides());
+            let source = cli.run.source();
+            let overrides = cli.run.overrides;
             match Config::load(&source, &overrides) {
                 Ok(config) => serve(config, source, overrides).await,
                 Err(e) => Err(e.into()),

@@ -1,14 +1,20 @@
 //! The TOML configuration file, as written. Every field is optional; defaults are the
 //! values of the WhatsApp preset. Values are parsed while reading, so a bad one is
-//! reported with its line.
+//! reported with its line. The relay-wide sections are shared with the command line
+//! (`settings.rs`); pools and listeners exist only in files.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use serde::{Deserialize, Deserializer, de};
+use serde::Deserialize;
 use toml::Spanned;
 
-use super::address::{Upstream, parse_duration, seconds_to_duration};
-use crate::dataplane::DataPlaneChoice;
+use super::{
+    address::Upstream,
+    settings::{
+        LimitsSection, MetricsSection, RelaySection, Settings, TimeoutsSection, TlsSection,
+        duration,
+    },
+};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,49 +35,24 @@ pub struct File {
     pub listeners: Vec<ListenerSection>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RelaySection {
-    #[serde(default, deserialize_with = "dataplane")]
-    pub dataplane: Option<DataPlaneChoice>,
-    pub log_clients: Option<bool>,
-    pub map_connections: Option<Spanned<u32>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsSection {
-    pub max_connections: Option<Spanned<u32>>,
-    pub per_ip_connections: Option<u32>,
-    pub per_ip_rate: Option<u32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TimeoutsSection {
-    #[serde(default, deserialize_with = "duration")]
-    pub connect: Option<Duration>,
-    #[serde(default, deserialize_with = "duration")]
-    pub handshake: Option<Duration>,
-    #[serde(default, deserialize_with = "duration")]
-    pub idle: Option<Duration>,
-    #[serde(default, deserialize_with = "duration")]
-    pub half_closed: Option<Duration>,
-    #[serde(default, deserialize_with = "duration")]
-    pub drain: Option<Duration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsSection {
-    pub cert: Option<Spanned<PathBuf>>,
-    pub key: Option<Spanned<PathBuf>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsSection {
-    pub listen: Option<SocketAddr>,
+impl File {
+    /// The relay-wide sections as one layer of settings, and the pools and listeners.
+    pub fn split(
+        self,
+    ) -> (
+        Settings,
+        BTreeMap<String, PoolSection>,
+        Vec<ListenerSection>,
+    ) {
+        let settings = Settings {
+            relay: self.relay,
+            limits: self.limits,
+            timeouts: self.timeouts,
+            tls: self.tls,
+            metrics: self.metrics,
+        };
+        (settings, self.pools, self.listeners)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,36 +103,4 @@ pub enum HeaderVersion {
     None,
     V1,
     V2,
-}
-
-fn dataplane<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DataPlaneChoice>, D::Error> {
-    let name = String::deserialize(d)?;
-    <DataPlaneChoice as clap::ValueEnum>::from_str(&name, false)
-        .map(Some)
-        .map_err(|_| {
-            de::Error::custom(format!(
-                "unknown data plane {name:?}: use auto, kernel, splice or copy"
-            ))
-        })
-}
-
-/// A duration as text (`10s`, `250ms`, `5m`) or a number of seconds.
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    struct Visitor;
-    impl de::Visitor<'_> for Visitor {
-        type Value = Duration;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a duration such as \"10s\", \"250ms\", \"5m\", or a number of seconds")
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
-            parse_duration(v).map_err(E::custom)
-        }
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
-            seconds_to_duration(v as f64).map_err(E::custom)
-        }
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
-            seconds_to_duration(v).map_err(E::custom)
-        }
-    }
-    d.deserialize_any(Visitor).map(Some)
 }

@@ -3,6 +3,7 @@
 
 pub mod address;
 mod file;
+mod settings;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -13,8 +14,24 @@ use std::{
 
 pub use address::{Forward, ForwardError, Pin, Upstream, parse_duration};
 pub use file::{Balance, HeaderVersion};
+pub use settings::{
+    Limits, LimitsSection, MAX_CONNECTIONS, MetricsSection, RelaySection, Settings, Timeouts,
+    TimeoutsSection, TlsSection,
+};
 
-use crate::dataplane::DataPlaneChoice;
+/// Which data plane the operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataPlaneChoice {
+    /// kernel when the eBPF program loads, after a short userspace warm-up per connection;
+    /// otherwise splice
+    Auto,
+    /// sockhash + sk_skb verdict program: bytes never reach userspace
+    Kernel,
+    /// splice(2) through a pipe: no copy, but a wakeup per chunk
+    Splice,
+    /// plain userspace buffers
+    Copy,
+}
 
 /// Presets an operator can start from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -41,26 +58,22 @@ pub enum Source {
     Forwards,
 }
 
-/// Command-line values that take precedence over the file.
-#[derive(Clone, Debug, Default)]
+/// The command line's part of the configuration: rules that add to the file, and a layer
+/// of settings that takes precedence over it.
+#[derive(Clone, Debug, Default, clap::Args)]
 pub struct Overrides {
+    /// Also listen on LISTEN (IP:PORT or [IPv6]:PORT) and relay to UPSTREAM (HOST:PORT).
+    /// Repeatable.
+    #[arg(long = "forward", value_name = "LISTEN=UPSTREAM")]
     pub forwards: Vec<Forward>,
+    /// The address every configured listener binds to, instead of the file's.
+    #[arg(long, value_name = "IP")]
     pub bind: Option<IpAddr>,
+    /// Resolve HOST to IP without DNS. Repeatable (several IPs for one host are a list).
+    #[arg(long = "resolve", value_name = "HOST=IP")]
     pub pins: Vec<Pin>,
-    pub dataplane: Option<DataPlaneChoice>,
-    pub log_clients: bool,
-    pub map_connections: Option<u32>,
-    pub max_connections: Option<u32>,
-    pub per_ip_connections: Option<u32>,
-    pub per_ip_rate: Option<u32>,
-    pub connect_timeout: Option<Duration>,
-    pub handshake_timeout: Option<Duration>,
-    pub idle_timeout: Option<Duration>,
-    pub half_closed_timeout: Option<Duration>,
-    pub drain_timeout: Option<Duration>,
-    pub metrics: Option<SocketAddr>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: Settings,
 }
 
 /// The validated configuration the server runs.
@@ -78,25 +91,6 @@ pub struct Config {
     pub pins: BTreeMap<String, Vec<IpAddr>>,
     pub pools: Vec<PoolConfig>,
     pub listeners: Vec<ListenerConfig>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
-    pub max_connections: u32,
-    /// 0: no limit.
-    pub per_ip_connections: u32,
-    /// New connections per second per client IP; 0: no limit.
-    pub per_ip_rate: u32,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timeouts {
-    pub connect: Duration,
-    pub handshake: Duration,
-    pub idle: Duration,
-    pub half_closed: Duration,
-    /// After SIGTERM, how long open connections may take to finish.
-    pub drain: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,22 +127,8 @@ pub struct ListenerConfig {
     pub max_connections: Option<u32>,
 }
 
-const DEFAULT_LIMITS: Limits = Limits {
-    max_connections: 4096,
-    per_ip_connections: 256,
-    per_ip_rate: 32,
-};
-const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
-    connect: Duration::from_secs(5),
-    handshake: Duration::from_secs(10),
-    idle: Duration::from_secs(600),
-    half_closed: Duration::from_secs(60),
-    drain: Duration::from_secs(30),
-};
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(300);
-/// The sockhash holds two sockets per connection; BPF map sizes are u32.
-const MAX_CONNECTIONS: u32 = 1_000_000;
 
 /// A configuration problem, with the line it is on when it comes from a file.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -213,10 +193,48 @@ impl Builder<'_> {
     fn build(&self, overrides: &Overrides) -> Result<Config, ConfigError> {
         let file: file::File = toml::from_str(self.text)
             .map_err(|e| self.error(e.span(), e.message().trim().to_owned()))?;
+        let (file_settings, pool_sections, listener_sections) = file.split();
+        let settings = overrides.settings.clone().or(file_settings);
+        let (pools, listeners) =
+            self.pools_and_listeners(&pool_sections, &listener_sections, overrides)?;
+        let limits = settings.limits.resolve();
+        let tls = self.tls(&settings.tls)?;
+        if listeners.is_empty() {
+            return Err(self.error(
+                None,
+                "no listeners: add [[listener]] sections, or give --forward or --preset",
+            ));
+        }
+        let relay = &settings.relay;
+        let mut pins: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+        for pin in &overrides.pins {
+            pins.entry(pin.host.clone()).or_default().push(pin.ip);
+        }
+        Ok(Config {
+            dataplane: relay.dataplane.unwrap_or(DataPlaneChoice::Auto),
+            map_connections: relay.map_connections.unwrap_or(limits.max_connections),
+            log_clients: relay.log_clients.unwrap_or(false),
+            limits,
+            timeouts: settings.timeouts.resolve(),
+            tls,
+            metrics: settings.metrics.listen,
+            pins,
+            pools,
+            listeners,
+        })
+    }
 
+    /// The pools, then the listeners: the file's, each bound to `--bind` when given, and one
+    /// per `--forward` with a one-server pool, no headers and no TLS.
+    fn pools_and_listeners(
+        &self,
+        pool_sections: &BTreeMap<String, file::PoolSection>,
+        listener_sections: &[file::ListenerSection],
+        overrides: &Overrides,
+    ) -> Result<(Vec<PoolConfig>, Vec<ListenerConfig>), ConfigError> {
         let mut pools = Vec::new();
         let mut pool_index = BTreeMap::new();
-        for (name, pool) in &file.pools {
+        for (name, pool) in pool_sections {
             if pool.servers.get_ref().is_empty() {
                 return Err(self.error(
                     Some(pool.servers.span()),
@@ -235,7 +253,7 @@ impl Builder<'_> {
         }
 
         let mut listeners = Vec::new();
-        for listener in &file.listeners {
+        for listener in listener_sections {
             let pool = *pool_index.get(listener.pool.get_ref()).ok_or_else(|| {
                 let known: Vec<&str> = pool_index.keys().map(String::as_str).collect();
                 self.error(
@@ -274,7 +292,6 @@ impl Builder<'_> {
                 },
             ));
         }
-        // Each --forward is a listener with a one-server pool, no headers, no TLS.
         for forward in &overrides.forwards {
             listeners.push((
                 None,
@@ -307,110 +324,22 @@ impl Builder<'_> {
                 ));
             }
         }
+        Ok((pools, listeners.into_iter().map(|(_, l)| l).collect()))
+    }
 
-        let max_connections = match (&overrides.max_connections, &file.limits.max_connections) {
-            (Some(n), _) => *n,
-            (None, Some(n)) if !(1..=MAX_CONNECTIONS).contains(n.get_ref()) => {
-                return Err(self.error(
-                    Some(n.span()),
-                    format!("max_connections must be 1-{MAX_CONNECTIONS}"),
-                ));
-            }
-            (None, Some(n)) => *n.get_ref(),
-            (None, None) => DEFAULT_LIMITS.max_connections,
-        };
-        let map_connections = match (&overrides.map_connections, &file.relay.map_connections) {
-            (Some(n), _) => *n,
-            (None, Some(n)) if !(1..=MAX_CONNECTIONS).contains(n.get_ref()) => {
-                return Err(self.error(
-                    Some(n.span()),
-                    format!("map_connections must be 1-{MAX_CONNECTIONS}"),
-                ));
-            }
-            (None, Some(n)) => *n.get_ref(),
-            (None, None) => max_connections,
-        };
-        let limits = Limits {
-            max_connections,
-            per_ip_connections: overrides
-                .per_ip_connections
-                .or(file.limits.per_ip_connections)
-                .unwrap_or(DEFAULT_LIMITS.per_ip_connections),
-            per_ip_rate: overrides
-                .per_ip_rate
-                .or(file.limits.per_ip_rate)
-                .unwrap_or(DEFAULT_LIMITS.per_ip_rate),
-        };
-        let t = &file.timeouts;
-        let timeouts = Timeouts {
-            connect: overrides
-                .connect_timeout
-                .or(t.connect)
-                .unwrap_or(DEFAULT_TIMEOUTS.connect),
-            handshake: overrides
-                .handshake_timeout
-                .or(t.handshake)
-                .unwrap_or(DEFAULT_TIMEOUTS.handshake),
-            idle: overrides
-                .idle_timeout
-                .or(t.idle)
-                .unwrap_or(DEFAULT_TIMEOUTS.idle),
-            half_closed: overrides
-                .half_closed_timeout
-                .or(t.half_closed)
-                .unwrap_or(DEFAULT_TIMEOUTS.half_closed),
-            drain: overrides
-                .drain_timeout
-                .or(t.drain)
-                .unwrap_or(DEFAULT_TIMEOUTS.drain),
-        };
-
-        let tls = match (&overrides.tls_cert, &overrides.tls_key) {
-            (Some(cert), Some(key)) => TlsSource::Files {
-                cert: cert.clone(),
-                key: key.clone(),
-            },
-            _ => match (&file.tls.cert, &file.tls.key) {
-                (Some(cert), Some(key)) => TlsSource::Files {
-                    cert: cert.get_ref().clone(),
-                    key: key.get_ref().clone(),
-                },
-                (None, None) => TlsSource::SelfSigned,
-                (Some(one), None) | (None, Some(one)) => {
-                    return Err(self.error(
-                        Some(one.span()),
-                        "give both tls.cert and tls.key, or neither for a self-signed certificate",
-                    ));
-                }
-            },
-        };
-
-        if listeners.is_empty() {
-            return Err(self.error(
-                None,
-                "no listeners: add [[listener]] sections, or give --forward or --preset",
-            ));
+    fn tls(&self, tls: &TlsSection) -> Result<TlsSource, ConfigError> {
+        match (&tls.cert, &tls.key) {
+            (Some(cert), Some(key)) => Ok(TlsSource::Files {
+                cert: cert.get_ref().clone(),
+                key: key.get_ref().clone(),
+            }),
+            (None, None) => Ok(TlsSource::SelfSigned),
+            // Flags come in pairs (clap requires both), so a lone one is the file's.
+            (Some(one), None) | (None, Some(one)) => Err(self.error(
+                Some(one.span()),
+                "give both tls.cert and tls.key, or neither for a self-signed certificate",
+            )),
         }
-        let mut pins: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-        for pin in &overrides.pins {
-            pins.entry(pin.host.clone()).or_default().push(pin.ip);
-        }
-
-        Ok(Config {
-            dataplane: overrides
-                .dataplane
-                .or(file.relay.dataplane)
-                .unwrap_or(DataPlaneChoice::Auto),
-            map_connections,
-            log_clients: overrides.log_clients || file.relay.log_clients.unwrap_or(false),
-            limits,
-            timeouts,
-            tls,
-            metrics: overrides.metrics.or(file.metrics.listen),
-            pins,
-            pools,
-            listeners: listeners.into_iter().map(|(_, l)| l).collect(),
-        })
     }
 }
 
@@ -477,14 +406,14 @@ mod tests {
 
     #[test]
     fn command_line_overrides_the_file() {
-        let overrides = Overrides {
+        let mut overrides = Overrides {
             bind: Some("127.0.0.1".parse().unwrap()),
-            idle_timeout: Some(Duration::from_secs(7)),
-            max_connections: Some(10),
             pins: vec!["g.whatsapp.net=127.0.0.2".parse().unwrap()],
             forwards: vec!["127.0.0.1:9000=localhost:22".parse().unwrap()],
             ..Overrides::default()
         };
+        overrides.settings.timeouts.idle = Some(Duration::from_secs(7));
+        overrides.settings.limits.max_connections = Some(10);
         let config = from_text(Preset::Whatsapp.text(), &overrides).unwrap();
         assert!(
             config.listeners[..8]
@@ -549,11 +478,7 @@ mod tests {
         check("[timeouts]\n\nidle = \"10 parsecs\"\n", 3, "unknown unit");
         check("[relay]\ndataplane = \"warp\"\n", 2, "unknown data plane");
         check("[relay]\nspeed = 1\n", 2, "unknown field");
-        check(
-            "[limits]\nmax_connections = 0\n",
-            2,
-            "max_connections must be",
-        );
+        check("[limits]\nmax_connections = 0\n", 2, "must be 1-1000000");
         check("[tls]\ncert = \"/c.pem\"\n", 2, "give both");
         check(
             &format!(

@@ -7,8 +7,9 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream, sync::watch};
 
-use super::{DirectionError, warm_up::WARM_UP_BYTES};
+use super::warm_up::WARM_UP_BYTES;
 use crate::sys;
+use crate::transfer::FlowError;
 
 /// Per-direction buffer: with the socket buffers, the whole of what one direction holds.
 pub const COPY_BUFFER: usize = 64 * 1024;
@@ -19,24 +20,24 @@ pub async fn forward(
     from: &TcpStream,
     to: &TcpStream,
     moved: &AtomicU64,
-) -> Result<u64, DirectionError> {
+) -> Result<u64, FlowError> {
     // Never zeroed: the pages a short connection does not fill are never touched.
     let mut buf = Vec::with_capacity(COPY_BUFFER);
     let mut total = 0u64;
     loop {
-        from.readable().await.map_err(DirectionError::Source)?;
+        from.readable().await.map_err(FlowError::Source)?;
         buf.clear();
         let n = match read_chunk(from, &mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(DirectionError::Source(e)),
+            Err(e) => return Err(FlowError::Source(e)),
         };
         write_all(to, &buf[..n]).await?;
         total += n as u64;
         moved.fetch_add(n as u64, Ordering::Relaxed);
     }
-    sys::shutdown_write(to).map_err(DirectionError::Destination)?;
+    sys::shutdown_write(to).map_err(FlowError::Destination)?;
     Ok(total)
 }
 
@@ -59,7 +60,7 @@ pub async fn forward_until(
     moved: &AtomicU64,
     mut paused: watch::Receiver<bool>,
     pause: &watch::Sender<bool>,
-) -> Result<Stop, DirectionError> {
+) -> Result<Stop, FlowError> {
     let mut total = 0u64;
     loop {
         tokio::select! {
@@ -70,19 +71,19 @@ pub async fn forward_until(
                 let whole_segments = drain_whole_segments(from, to, moved).await?;
                 return Ok(Stop::Paused { whole_segments });
             }
-            ready = from.readable() => ready.map_err(DirectionError::Source)?,
+            ready = from.readable() => ready.map_err(FlowError::Source)?,
         }
         // Allocated per chunk and never zeroed: a quiet connection holds no buffer, and a short
         // one touches only the pages its bytes fill.
         let mut buf = Vec::with_capacity(COPY_BUFFER);
         let n = match read_chunk(from, &mut buf) {
             Ok(0) => {
-                sys::shutdown_write(to).map_err(DirectionError::Destination)?;
+                sys::shutdown_write(to).map_err(FlowError::Destination)?;
                 return Ok(Stop::Eof);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(DirectionError::Source(e)),
+            Err(e) => return Err(FlowError::Source(e)),
         };
         write_all(to, &buf[..n]).await?;
         total += n as u64;
@@ -120,8 +121,8 @@ async fn drain_whole_segments(
     from: &TcpStream,
     to: &TcpStream,
     moved: &AtomicU64,
-) -> Result<bool, DirectionError> {
-    let mut left = sys::unread(from).map_err(DirectionError::Source)?;
+) -> Result<bool, FlowError> {
+    let mut left = sys::unread(from).map_err(FlowError::Source)?;
     let mut buf = vec![0u8; left.min(COPY_BUFFER)];
     while left > 0 {
         let want = left.min(buf.len());
@@ -131,7 +132,7 @@ async fn drain_whole_segments(
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(DirectionError::Source(e)),
+            Err(e) => return Err(FlowError::Source(e)),
         };
         write_all(to, &buf[..n]).await?;
         moved.fetch_add(n as u64, Ordering::Relaxed);
@@ -140,13 +141,13 @@ async fn drain_whole_segments(
     Ok(true)
 }
 
-async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> Result<(), DirectionError> {
+async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> Result<(), FlowError> {
     while !bytes.is_empty() {
-        to.writable().await.map_err(DirectionError::Destination)?;
+        to.writable().await.map_err(FlowError::Destination)?;
         match to.try_write(bytes) {
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(DirectionError::Destination(e)),
+            Err(e) => return Err(FlowError::Destination(e)),
         }
     }
     Ok(())

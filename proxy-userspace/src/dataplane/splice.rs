@@ -7,8 +7,8 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
-use super::DirectionError;
 use crate::sys;
+use crate::transfer::FlowError;
 
 /// Largest chunk moved per splice; the pipe's default capacity (16 pages) bounds it anyway.
 const CHUNK: usize = 64 * 1024;
@@ -19,15 +19,15 @@ pub async fn forward(
     from: &TcpStream,
     to: &TcpStream,
     moved: &AtomicU64,
-) -> Result<u64, DirectionError> {
-    let (pipe_read, pipe_write) = sys::pipe().map_err(DirectionError::Source)?;
+) -> Result<u64, FlowError> {
+    let (pipe_read, pipe_write) = sys::pipe().map_err(FlowError::Source)?;
     let mut total = 0u64;
     loop {
         // The pipe is always empty here, so EAGAIN can only mean "socket has nothing".
         let n = from
             .async_io(Interest::READABLE, || sys::splice(from, &pipe_write, CHUNK))
             .await
-            .map_err(DirectionError::Source)?;
+            .map_err(FlowError::Source)?;
         if n == 0 {
             break;
         }
@@ -36,15 +36,15 @@ pub async fn forward(
             let sent = to
                 .async_io(Interest::WRITABLE, || sys::splice(&pipe_read, to, in_pipe))
                 .await
-                .map_err(DirectionError::Destination)?;
+                .map_err(FlowError::Destination)?;
             if sent == 0 {
-                return Err(DirectionError::Destination(io::ErrorKind::WriteZero.into()));
+                return Err(FlowError::Destination(io::ErrorKind::WriteZero.into()));
             }
             in_pipe -= sent;
         }
         total += n as u64;
         moved.fetch_add(n as u64, Ordering::Relaxed);
     }
-    sys::shutdown_write(to).map_err(DirectionError::Destination)?;
+    sys::shutdown_write(to).map_err(FlowError::Destination)?;
     Ok(total)
 }

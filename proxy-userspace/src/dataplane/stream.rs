@@ -9,8 +9,9 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{
-    Boxed, DirectionError, FlowError, Progress, Supervision, Transfer, Watchdog, run_both,
+use super::relay_counted;
+use crate::transfer::{
+    ConnectionError, FlowError, Flows, Progress, Supervision, Transfer, Watchdog,
 };
 
 /// One TLS record's worth of plaintext.
@@ -24,7 +25,7 @@ pub async fn relay_streams<C, U>(
     upstream: U,
     sockets: (RawFd, RawFd),
     supervision: &Supervision,
-) -> Result<Transfer, FlowError>
+) -> Result<Transfer, ConnectionError>
 where
     C: AsyncRead + AsyncWrite + Send,
     U: AsyncRead + AsyncWrite + Send,
@@ -32,30 +33,23 @@ where
     let progress = Progress::default();
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    let result = run_both(
-        pump(
+    let flows = Flows {
+        to_upstream: pump(
             &mut client_read,
             &mut upstream_write,
             &progress.client_to_upstream,
-        )
-        .await_boxed(),
-        pump(
+        ),
+        to_client: pump(
             &mut upstream_read,
             &mut client_write,
             &progress.upstream_to_client,
-        )
-        .await_boxed(),
-        &progress,
-        Watchdog::new(supervision),
-    )
-    .await;
-    if let Err(e) = &result {
-        e.propagate_reset(&sockets.0, &sockets.1);
-    }
-    result
+        ),
+    };
+    let mut watchdog = Watchdog::new(supervision);
+    relay_counted(flows, &progress, &mut watchdog, sockets).await
 }
 
-async fn pump<R, W>(from: &mut R, to: &mut W, moved: &AtomicU64) -> Result<u64, DirectionError>
+async fn pump<R, W>(from: &mut R, to: &mut W, moved: &AtomicU64) -> Result<u64, FlowError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -69,15 +63,15 @@ where
             // A TLS peer that closes without close_notify: what it carries is end-to-end
             // encrypted, so a truncation is the endpoints' business; treat it as the end.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(DirectionError::Source(e)),
+            Err(e) => return Err(FlowError::Source(e)),
         };
         to.write_all(&buf[..n])
             .await
-            .map_err(DirectionError::Destination)?;
-        to.flush().await.map_err(DirectionError::Destination)?;
+            .map_err(FlowError::Destination)?;
+        to.flush().await.map_err(FlowError::Destination)?;
         total += n as u64;
         moved.fetch_add(n as u64, Ordering::Relaxed);
     }
-    to.shutdown().await.map_err(DirectionError::Destination)?;
+    to.shutdown().await.map_err(FlowError::Destination)?;
     Ok(total)
 }

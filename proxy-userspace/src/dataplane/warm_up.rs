@@ -4,14 +4,16 @@
 //! redirected message a hop through the redirect worker: more than copying a short
 //! connection's few bytes costs. Short connections never pay it; long ones pay it once.
 
-use std::time::Duration;
+use std::{os::fd::AsRawFd, time::Duration};
 
 use tokio::{net::TcpStream, sync::watch};
 
 use super::{
-    Boxed as _, DirectionError, FlowError, Progress, Supervision, Transfer, Watchdog,
     copy::{self, Stop},
-    run_both,
+    relay_counted,
+};
+use crate::transfer::{
+    ConnectionError, Flows, Pause, Progress, Supervision, Transfer, Watchdog, drive_both,
 };
 
 /// How long a connection is relayed in userspace before it moves into the kernel.
@@ -24,10 +26,39 @@ pub const WARM_UP_BYTES: u64 = 1 << 20;
 pub enum WarmUp {
     /// The connection ended, or must stay in userspace (a direction already saw EOF, or a
     /// receive queue could not be drained cleanly), and was relayed to its end.
-    Done(Result<Transfer, FlowError>),
+    Done(Result<Transfer, ConnectionError>),
     /// Both directions paused with every byte read forwarded and no segment half read: the
     /// kernel can take over. The bytes moved so far, already counted in the metrics.
     Promote(Transfer),
+}
+
+/// What follows a warm-up whose flows have both stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Both sources reached EOF: the usual short connection, over within its warm-up.
+    Ended,
+    /// Both paused with every byte read forwarded and no segment half read.
+    Promote,
+    /// Anything else (one side at EOF, or a receive queue not drained cleanly): the
+    /// connection stays in userspace, each paused flow resuming where it stopped.
+    Resume,
+}
+
+/// The promotion rule: only a connection both of whose flows paused cleanly moves.
+fn next(to_upstream: &Stop, to_client: &Stop) -> Next {
+    let clean = |stop: &Stop| {
+        matches!(
+            stop,
+            Stop::Paused {
+                whole_segments: true
+            }
+        )
+    };
+    match (to_upstream, to_client) {
+        (Stop::Eof, Stop::Eof) => Next::Ended,
+        (up, down) if clean(up) && clean(down) => Next::Promote,
+        _ => Next::Resume,
+    }
 }
 
 /// Relays in userspace until the connection can move into the kernel, or to its end.
@@ -39,83 +70,88 @@ pub async fn relay_until_promoted(
     let progress = Progress::default();
     let (up, down) = (&progress.client_to_upstream, &progress.upstream_to_client);
     let (pause, paused) = watch::channel(false);
-    let to_upstream = copy::forward_until(client, upstream, up, paused.clone(), &pause);
-    let to_client = copy::forward_until(upstream, client, down, paused, &pause);
-    tokio::pin!(to_upstream, to_client);
+    let flows = Flows {
+        to_upstream: copy::forward_until(client, upstream, up, paused.clone(), &pause),
+        to_client: copy::forward_until(upstream, client, down, paused, &pause),
+    };
     let deadline = tokio::time::sleep(WARM_UP);
     tokio::pin!(deadline);
     // A direction stuck on a peer that never reads must still time out.
     let mut watchdog = Watchdog::new(supervision);
-    let mut ticker = watchdog.ticker();
-    let (mut up_stop, mut down_stop) = (None, None);
-    let failed = loop {
-        tokio::select! {
-            // Once a direction is at EOF the connection stays in userspace: no pause.
-            () = &mut deadline, if !*pause.borrow() && up_stop.is_none() && down_stop.is_none() => {
-                pause.send_replace(true);
-            }
-            _ = ticker.tick() => {
-                if let Err(expiry) = watchdog.check(progress.snapshot(), None) {
-                    break FlowError::Expired(expiry);
-                }
-            }
-            stop = &mut to_upstream, if up_stop.is_none() => match stop {
-                Ok(stop) => up_stop = Some(stop),
-                Err(DirectionError::Source(e)) => break FlowError::Client(e),
-                Err(DirectionError::Destination(e)) => break FlowError::Upstream(e),
-            },
-            stop = &mut to_client, if down_stop.is_none() => match stop {
-                Ok(stop) => down_stop = Some(stop),
-                Err(DirectionError::Source(e)) => break FlowError::Upstream(e),
-                Err(DirectionError::Destination(e)) => break FlowError::Client(e),
-            },
-        }
+    let stopped = drive_both(
+        flows,
+        &mut watchdog,
+        || (progress.snapshot(), None),
         // A direction at EOF keeps the connection in userspace (a socket that received a
         // FIN cannot join the map); the other runs on here, under the same watchdog.
-        if matches!(up_stop, Some(Stop::Eof)) || matches!(down_stop, Some(Stop::Eof)) {
-            watchdog.one_side_done();
+        |stop| matches!(stop, Stop::Eof),
+        Some(Pause {
+            at: deadline,
+            sender: &pause,
+        }),
+    )
+    .await;
+    let (up_stop, down_stop) = match stopped {
+        Ok(stops) => stops,
+        Err(failed) => {
+            watchdog.report(progress.snapshot());
+            failed.propagate_reset(client, upstream);
+            return WarmUp::Done(Err(failed));
         }
-        let (Some(up_stop), Some(down_stop)) = (&up_stop, &down_stop) else {
-            continue;
-        };
-        if matches!((up_stop, down_stop), (Stop::Eof, Stop::Eof)) {
-            // The usual short connection: over within its warm-up.
-            let moved = progress.snapshot();
-            watchdog.report(moved);
-            return WarmUp::Done(Ok(moved));
-        }
-        let promotable = |stop: &Stop| {
-            matches!(
-                stop,
-                Stop::Paused {
-                    whole_segments: true
-                }
-            )
-        };
-        if promotable(up_stop) && promotable(down_stop) {
-            let moved = progress.snapshot();
-            watchdog.report(moved);
-            return WarmUp::Promote(moved);
-        }
-        // Paused directions resume where they stopped; nothing was held back.
-        let resume = |stop: &Stop, from, to, moved| match stop {
-            // Its total is already in `moved`; run_both counts nothing from the return.
-            Stop::Eof => std::future::ready(Ok(0)).await_boxed(),
-            Stop::Paused { .. } => copy::forward(from, to, moved).await_boxed(),
-        };
-        let result = run_both(
-            resume(up_stop, client, upstream, up),
-            resume(down_stop, upstream, client, down),
-            &progress,
-            watchdog,
-        )
-        .await;
-        if let Err(e) = &result {
-            e.propagate_reset(client, upstream);
-        }
-        return WarmUp::Done(result);
     };
-    watchdog.report(progress.snapshot());
-    failed.propagate_reset(client, upstream);
-    WarmUp::Done(Err(failed))
+    match next(&up_stop, &down_stop) {
+        Next::Ended => {
+            let moved = progress.snapshot();
+            watchdog.report(moved);
+            WarmUp::Done(Ok(moved))
+        }
+        Next::Promote => {
+            let moved = progress.snapshot();
+            watchdog.report(moved);
+            WarmUp::Promote(moved)
+        }
+        Next::Resume => {
+            // Paused flows resume where they stopped; nothing was held back. A flow at EOF
+            // has its total in `progress` already, and counts nothing more.
+            let resume = |stop: Stop, from, to, moved| async move {
+                match stop {
+                    Stop::Eof => Ok(0),
+                    Stop::Paused { .. } => copy::forward(from, to, moved).await,
+                }
+            };
+            let flows = Flows {
+                to_upstream: resume(up_stop, client, upstream, up),
+                to_client: resume(down_stop, upstream, client, down),
+            };
+            let sockets = (client.as_raw_fd(), upstream.as_raw_fd());
+            WarmUp::Done(relay_counted(flows, &progress, &mut watchdog, sockets).await)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLEAN: Stop = Stop::Paused {
+        whole_segments: true,
+    };
+    const HALF_READ: Stop = Stop::Paused {
+        whole_segments: false,
+    };
+
+    #[test]
+    fn only_two_clean_pauses_promote() {
+        assert_eq!(next(&CLEAN, &CLEAN), Next::Promote);
+        assert_eq!(next(&CLEAN, &HALF_READ), Next::Resume);
+        assert_eq!(next(&HALF_READ, &CLEAN), Next::Resume);
+    }
+
+    #[test]
+    fn a_side_at_eof_keeps_the_connection_in_userspace() {
+        assert_eq!(next(&Stop::Eof, &Stop::Eof), Next::Ended);
+        assert_eq!(next(&Stop::Eof, &CLEAN), Next::Resume);
+        assert_eq!(next(&CLEAN, &Stop::Eof), Next::Resume);
+        assert_eq!(next(&HALF_READ, &Stop::Eof), Next::Resume);
+    }
 }

@@ -1,8 +1,13 @@
 //! The kernel data plane: loads the verdict program, owns its maps, and relays each
-//! connection by putting both sockets into the sockhash (see `relay.rs` for the lifecycle).
+//! connection by putting both sockets into the sockhash. `connection.rs` holds a
+//! connection's lifecycle, `flow.rs` one direction, `backpressure.rs` the checks and the
+//! throttle, `detached.rs` a flow whose bytes userspace moves.
 
+mod backpressure;
+mod connection;
+mod detached;
+mod flow;
 mod maps;
-mod relay;
 mod watcher;
 
 use std::sync::{
@@ -22,8 +27,8 @@ use proxy_common::{
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
+pub use connection::{Declined, KernelRelayError};
 use maps::FlowMaps;
-pub use relay::{Declined, KernelRelayError};
 use watcher::SocketWatcher;
 
 /// The object `cargo xtask build` compiled from proxy-ebpf, when this binary embeds one.
@@ -94,7 +99,7 @@ fn summarize(error: &(dyn std::error::Error + 'static)) -> String {
 pub struct KernelDataPlane {
     maps: FlowMaps,
     /// The program's FLOW_BACKLOG_LIMIT: the backlog bound that makes it ask for a check;
-    /// half of it throttles the sender, a quarter releases it.
+    /// see proxy_common::throttle_from and release_at for what userspace does with it.
     backlog_limit: u64,
     /// Connections the map would not take, relayed in userspace instead.
     fallbacks: AtomicU64,
@@ -110,7 +115,7 @@ pub struct KernelDataPlane {
     /// at most one a minute, however many connections are declined.
     declined_warned_ns: AtomicU64,
     /// Connections reset because a detached flow kept more than the kernel can be left to
-    /// hold (see `relay::KEPT_LIMIT`), and when that was last logged.
+    /// hold (proxy_common::KEPT_LIMIT), and when that was last logged.
     kept_resets: AtomicU64,
     kept_reset_warned_ns: AtomicU64,
     watcher: Arc<SocketWatcher>,

@@ -24,11 +24,12 @@ use tracing::{debug, info};
 use crate::{
     accept::{ACCEPT_BACKOFF, AcceptErrors},
     config::{HeaderVersion, ListenerConfig, Timeouts},
-    dataplane::{DataPlane, Supervision, relay_streams},
+    counters::{ListenerMetrics, Refusal},
+    dataplane::{DataPlane, relay_streams},
     limits::ClientLimits,
-    metrics::{ListenerMetrics, Refusal},
     proxy_protocol::{self, Endpoints},
     sys,
+    transfer::{ConnectionError, Handover, Supervision, Transfer},
     upstream::{ConnectError, Pool},
 };
 
@@ -211,12 +212,12 @@ impl Connection {
                 }
             }
         }
-        let client_read = self.listener.config.accept_proxy;
-        log_end(
-            plane
-                .relay(client, upstream, &supervision, client_read)
-                .await,
-        );
+        let handover = if self.listener.config.accept_proxy {
+            Handover::AfterReads
+        } else {
+            Handover::Untouched
+        };
+        log_end(plane.relay(client, upstream, &supervision, handover).await);
     }
 
     fn supervision(&self) -> Supervision {
@@ -326,7 +327,7 @@ async fn forward_early_bytes(client: &TcpStream, upstream: &TcpStream) -> io::Re
     }
 }
 
-fn log_end(result: Result<crate::dataplane::Transfer, crate::dataplane::FlowError>) {
+fn log_end(result: Result<Transfer, ConnectionError>) {
     match result {
         Ok(transfer) => debug!(?transfer, "connection closed"),
         Err(e) => debug!("connection ended: {e}"),

@@ -23,11 +23,12 @@ use tracing::{info, warn};
 use connection::{Current, Listener, Shared, accept_loop, current, report_status_on_sigusr1};
 
 use crate::{
-    config::{Config, ConfigError, HeaderVersion, ListenerConfig},
-    dataplane::{DataPlane, DataPlaneChoice},
+    config::{Config, ConfigError, DataPlaneChoice, HeaderVersion, ListenerConfig},
+    counters::ListenerMetrics,
+    dataplane::DataPlane,
     kernel::{KernelDataPlane, KernelLoadError},
     limits::ClientLimits,
-    metrics::{self, ListenerMetrics, Metrics},
+    metrics::{self, Metrics},
     sys,
     tls::{self, TlsError},
     upstream::{Pins, Pool, ResolveError},

@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::Transfer;
-use crate::metrics::ListenerMetrics;
+use crate::counters::ListenerMetrics;
 
 /// What a connection may do and where it reports.
 #[derive(Clone)]
@@ -98,5 +98,90 @@ impl<'a> Watchdog<'a> {
         self.reported.client_to_upstream += up;
         self.reported.upstream_to_client += down;
         up + down > 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+
+    fn supervision(idle: Duration, half_closed: Duration) -> Supervision {
+        Supervision {
+            idle,
+            half_closed,
+            metrics: Arc::new(ListenerMetrics::new("test".into())),
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn moved(client_to_upstream: u64, upstream_to_client: u64) -> Transfer {
+        Transfer {
+            client_to_upstream,
+            upstream_to_client,
+        }
+    }
+
+    #[test]
+    fn idle_as_measured_by_the_data_plane_expires_at_the_timeout() {
+        let supervision = supervision(Duration::from_secs(10), HOUR);
+        let mut watchdog = Watchdog::new(&supervision);
+        assert_eq!(
+            watchdog.check(moved(1, 0), Some(Duration::from_secs(9))),
+            Ok(())
+        );
+        assert_eq!(
+            watchdog.check(moved(2, 0), Some(Duration::from_secs(10))),
+            Err(Expiry::Idle),
+            "bytes arriving do not count when the data plane says nothing was delivered"
+        );
+    }
+
+    #[test]
+    fn idle_without_a_measurement_is_time_since_the_counts_grew() {
+        let supervision = supervision(Duration::ZERO, HOUR);
+        let mut watchdog = Watchdog::new(&supervision);
+        assert_eq!(watchdog.check(Transfer::default(), None), Err(Expiry::Idle));
+        let supervision = self::supervision(HOUR, HOUR);
+        let mut watchdog = Watchdog::new(&supervision);
+        assert_eq!(watchdog.check(moved(0, 5), None), Ok(()));
+    }
+
+    #[test]
+    fn half_closed_counts_from_the_first_side_done() {
+        let supervision = supervision(HOUR, Duration::ZERO);
+        let mut watchdog = Watchdog::new(&supervision);
+        assert_eq!(watchdog.check(moved(1, 1), None), Ok(()));
+        watchdog.one_side_done();
+        assert_eq!(watchdog.check(moved(2, 2), None), Err(Expiry::HalfClosed));
+    }
+
+    #[test]
+    fn reports_add_only_what_moved_since_the_last() {
+        let supervision = supervision(HOUR, HOUR);
+        let mut watchdog = Watchdog::new(&supervision);
+        assert!(watchdog.report(moved(10, 5)));
+        assert!(watchdog.report(moved(15, 5)));
+        assert!(!watchdog.report(moved(15, 5)), "nothing new moved");
+        let metrics = &supervision.metrics;
+        assert_eq!(metrics.bytes_to_upstream.load(Ordering::Relaxed), 15);
+        assert_eq!(metrics.bytes_to_client.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn ticks_catch_a_timeout_within_a_quarter_within_bounds() {
+        let period = |idle, half_closed| Watchdog::new(&supervision(idle, half_closed)).period();
+        assert_eq!(
+            period(Duration::from_secs(1), HOUR),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            period(HOUR, Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(period(HOUR, HOUR), PERIOD_BOUNDS.1);
+        assert_eq!(period(Duration::from_millis(10), HOUR), PERIOD_BOUNDS.0);
     }
 }

@@ -1,0 +1,70 @@
+//! The counters each listener keeps while it serves: connections, refusals by reason and
+//! bytes each way. A leaf: the data planes and the server write them, and `metrics` renders
+//! them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a connection was turned away or cut before it was relayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    PerIpConnections,
+    PerIpRate,
+    ProxyHeader,
+    TlsHandshake,
+    UpstreamUnavailable,
+}
+
+impl Refusal {
+    pub const ALL: [Self; 5] = [
+        Self::PerIpConnections,
+        Self::PerIpRate,
+        Self::ProxyHeader,
+        Self::TlsHandshake,
+        Self::UpstreamUnavailable,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::PerIpConnections => "per_ip_connections",
+            Self::PerIpRate => "per_ip_rate",
+            Self::ProxyHeader => "proxy_header",
+            Self::TlsHandshake => "tls_handshake",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+        }
+    }
+}
+
+/// One listener's counters. Bytes of kernel-mode connections come from the program's
+/// per-flow counters, so they count what the kernel moved.
+#[derive(Debug, Default)]
+pub struct ListenerMetrics {
+    pub name: String,
+    pub open: AtomicU64,
+    pub accepted: AtomicU64,
+    refused: [AtomicU64; Refusal::ALL.len()],
+    pub bytes_to_upstream: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+}
+
+impl ListenerMetrics {
+    pub fn new(name: String) -> Self {
+        Self {
+            name,
+            ..Self::default()
+        }
+    }
+
+    pub fn refuse(&self, reason: Refusal) {
+        self.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refused(&self, reason: Refusal) -> u64 {
+        self.refused[reason as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn add_bytes(&self, to_upstream: u64, to_client: u64) {
+        self.bytes_to_upstream
+            .fetch_add(to_upstream, Ordering::Relaxed);
+        self.bytes_to_client.fetch_add(to_client, Ordering::Relaxed);
+    }
+}

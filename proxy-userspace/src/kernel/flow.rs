@@ -1,0 +1,273 @@
+//! One flow of a kernel-mode connection: the state userspace keeps for each socket and for
+//! each direction, and the task that carries a direction until its source's EOF has
+//! reached the destination. The program redirects the bytes; this task answers its
+//! requests (backpressure checks, a detached flow) and ends the flow, since the kernel
+//! never forwards a FIN.
+
+use std::{
+    io,
+    net::TcpStream,
+    os::fd::AsRawFd,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use proxy_common::{FLOW_BROKEN, FlowControl, FlowState};
+use tracing::debug;
+
+use super::{
+    connection::KernelConnection,
+    detached::Kept,
+    watcher::{ERROR, HANGUP, NOTIFIED, SocketSignals, WRITABLE},
+};
+use crate::{sys, transfer::FlowError};
+
+/// How often a flow re-reads its record in case a notification was lost to a full ring
+/// buffer.
+const AUDIT_PERIOD: Duration = Duration::from_secs(5);
+/// Userspace buffer for moving a flow's bytes when the kernel does not: part of the
+/// per-connection bound.
+pub(super) const MOVE_BUFFER: usize = 64 * 1024;
+
+/// One socket of a kernel-mode connection: what it holds as a source and as a destination.
+pub(super) struct Socket {
+    pub stream: TcpStream,
+    pub cookie: u64,
+    pub signals: Arc<SocketSignals>,
+    pub in_map: bool,
+    /// Optional epoll interest (READABLE/WRITABLE) wanted by the two flows touching it.
+    pub interest: AtomicU32,
+    /// The SO_SNDBUF this socket has now, sized by how fast it drains as a destination.
+    pub send_buffer: AtomicU32,
+    /// This socket's tcpi_bytes_acked, and the coarse monotonic time, at the last backlog
+    /// check of the flow into it: where its next drain rate is measured from.
+    pub drained_mark: AtomicU64,
+    pub drained_mark_ns: AtomicU64,
+}
+
+/// What userspace knows of one flow beyond the program's record; keyed, like the record,
+/// by the source socket.
+pub(super) struct FlowLedger {
+    /// Sequence number of the source's first byte userspace has not read, when it read any
+    /// before the socket joined the map.
+    pub unread_from: Option<u32>,
+    /// Bytes userspace moved from the source to the destination.
+    pub moved: AtomicU64,
+    /// The destination's queued total (bytes acked + SIOCOUTQ) when it joined the map, plus
+    /// every byte userspace wrote into it since: with the program's redirected bytes, what
+    /// the destination's TCP stack should have counted once the redirect backlog is empty.
+    pub peer_userspace: AtomicU64,
+    /// The checkpoint published for this flow (see FlowControl).
+    pub checkpoint: AtomicU64,
+    /// Check requests of this flow that userspace has answered.
+    pub checks_done: AtomicU32,
+    /// Bytes the program kept on the source (while detached) that userspace moved on.
+    pub passed_moved: AtomicU64,
+    /// The flow's record as the program left it once userspace saw its source's EOF: no
+    /// segment comes after a FIN, so it no longer changes and is not read again.
+    pub last_state: OnceLock<FlowState>,
+}
+
+impl FlowLedger {
+    pub fn new(unread_from: Option<u32>, destination_queued: u64) -> Self {
+        Self {
+            unread_from,
+            moved: AtomicU64::new(0),
+            peer_userspace: AtomicU64::new(destination_queued),
+            checkpoint: AtomicU64::new(0),
+            checks_done: AtomicU32::new(0),
+            passed_moved: AtomicU64::new(0),
+            last_state: OnceLock::new(),
+        }
+    }
+}
+
+/// A flow with its two sockets, as the task driving it sees them.
+#[derive(Clone, Copy)]
+pub(super) struct Flow<'a> {
+    pub ledger: &'a FlowLedger,
+    pub from: &'a Socket,
+    pub to: &'a Socket,
+}
+
+impl KernelConnection<'_> {
+    /// Carries one direction until its source's EOF has reached the destination.
+    pub(super) async fn run_flow(&self, flow: Flow<'_>) -> Result<(), FlowError> {
+        let from = flow.from;
+        if !from.in_map {
+            return self.copy_rest_in_userspace(flow).await;
+        }
+        let mut audit = tokio::time::interval(AUDIT_PERIOD);
+        audit.reset();
+        let mut resumed = false;
+        loop {
+            // Back from userspace: look at the flow again before waiting for anything.
+            let events = if std::mem::take(&mut resumed) {
+                NOTIFIED
+            } else {
+                tokio::select! {
+                    events = from.signals.read_events() => events,
+                    _ = audit.tick() => NOTIFIED,
+                }
+            };
+            if events & ERROR != 0 {
+                return Err(FlowError::Source(socket_error(&from.stream)));
+            }
+            // The FIN runs data-ready, which hands the program everything queued before it;
+            // the barrier waits for that to finish, so the record read next is complete.
+            if events & HANGUP != 0 {
+                sys::socket_barrier(&from.stream).map_err(FlowError::Source)?;
+            }
+            let state = self.state(flow);
+            if state.seq_state == FLOW_BROKEN {
+                return Err(FlowError::Source(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a retransmitted segment repeats relayed bytes and could not be trimmed: reset rather than repeat or lose a byte",
+                )));
+            }
+            if state.detached != 0 {
+                debug!(
+                    "a flow left the kernel after {} bytes: its backlog bound passed the hard limit, or its peer left the map",
+                    state.redirected_bytes
+                );
+                match self.move_kept_bytes(flow).await? {
+                    Kept::Ended => return Ok(()),
+                    Kept::Resumed => {
+                        resumed = true;
+                        continue;
+                    }
+                }
+            }
+            if state.checks_requested != flow.ledger.checks_done.load(Ordering::Acquire) {
+                self.check_backlog(flow, state.checks_requested).await?;
+            }
+            if events & HANGUP != 0 {
+                if self.reached_end(flow).await? {
+                    // Read after the barrier, with the flow still attached: final.
+                    let _ = flow.ledger.last_state.set(state);
+                    self.wait_for_peer_backlog(flow, 0).await?;
+                    sys::shutdown_write(&flow.to.stream).map_err(FlowError::Destination)?;
+                    return Ok(());
+                }
+                // The flow may have detached on its last segments: look again at once.
+                resumed = true;
+            }
+        }
+    }
+
+    /// After a FIN, and the barrier that found the flow still attached: true once every byte
+    /// before it was redirected or moved on. Anything still readable was never handed to the
+    /// program: move it on, in order.
+    async fn reached_end(&self, flow: Flow<'_>) -> Result<bool, FlowError> {
+        let mut buf = vec![0u8; MOVE_BUFFER];
+        loop {
+            match sys::recv_nonblocking(&flow.from.stream, &mut buf) {
+                Ok(0) => return Ok(true),
+                Ok(n) => {
+                    self.wait_for_peer_backlog(flow, 0).await?;
+                    self.forward_moved(flow, &buf[..n]).await?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(FlowError::Source(e)),
+            }
+        }
+    }
+
+    /// Writes bytes userspace read from the source to the destination; the caller has made
+    /// sure every redirected byte is already in the destination's write queue.
+    pub(super) async fn forward_moved(
+        &self,
+        flow: Flow<'_>,
+        bytes: &[u8],
+    ) -> Result<(), FlowError> {
+        self.write_all(flow.to, bytes).await?;
+        let n = bytes.len() as u64;
+        flow.ledger.moved.fetch_add(n, Ordering::AcqRel);
+        flow.ledger.peer_userspace.fetch_add(n, Ordering::AcqRel);
+        Ok(())
+    }
+
+    async fn write_all(&self, to: &Socket, mut bytes: &[u8]) -> Result<(), FlowError> {
+        while !bytes.is_empty() {
+            match sys::send_nonblocking(&to.stream, bytes) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.want(to, WRITABLE, Want::On)?;
+                    let events = to.signals.write_events().await;
+                    self.want(to, WRITABLE, Want::Off)?;
+                    if events & ERROR != 0 {
+                        return Err(FlowError::Destination(socket_error(&to.stream)));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(FlowError::Destination(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns epoll interest `bits` on or off for `socket`, with one syscall only when the
+    /// combined interest of its two flows changes.
+    pub(super) fn want(&self, socket: &Socket, bits: u32, want: Want) -> Result<(), FlowError> {
+        let old = match want {
+            Want::On => socket.interest.fetch_or(bits, Ordering::AcqRel),
+            Want::Off => socket.interest.fetch_and(!bits, Ordering::AcqRel),
+        };
+        let new = match want {
+            Want::On => old | bits,
+            Want::Off => old & !bits,
+        };
+        if new == old {
+            return Ok(());
+        }
+        self.plane
+            .watcher
+            .set_interest(socket.cookie, socket.stream.as_raw_fd(), new)
+            .map_err(FlowError::Source)
+    }
+
+    /// The program's record of the flow, or its final copy once the source's EOF was seen.
+    pub(super) fn state(&self, flow: Flow<'_>) -> FlowState {
+        if let Some(last) = flow.ledger.last_state.get() {
+            return *last;
+        }
+        // A missing entry reads as zeros: only possible for a flow already torn down.
+        self.plane.maps.state(flow.from.cookie).unwrap_or_default()
+    }
+
+    /// Hands the program what userspace knows of the flow now.
+    pub(super) fn publish_control(&self, flow: Flow<'_>) -> Result<(), FlowError> {
+        let ledger = flow.ledger;
+        let control = FlowControl {
+            peer_cookie: flow.to.cookie,
+            checkpoint_bytes: ledger.checkpoint.load(Ordering::Acquire),
+            checks_done: ledger.checks_done.load(Ordering::Acquire),
+            _padding: 0,
+            passed_moved: ledger.passed_moved.load(Ordering::Acquire),
+        };
+        self.plane
+            .maps
+            .publish(flow.from.cookie, &control)
+            .map_err(FlowError::Source)
+    }
+}
+
+/// Whether a flow wants an epoll interest, or no longer does.
+#[derive(Clone, Copy)]
+pub(super) enum Want {
+    On,
+    Off,
+}
+
+/// The error a socket reported, or a reset when it reports none.
+pub(super) fn socket_error(stream: &TcpStream) -> io::Error {
+    match stream.take_error() {
+        Ok(Some(e)) => e,
+        Ok(None) => io::Error::from(io::ErrorKind::ConnectionReset),
+        Err(e) => e,
+    }
+}
