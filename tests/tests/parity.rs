@@ -79,8 +79,7 @@ fn tcp_shutdown(stream: &TcpStream) -> impl FnOnce(&mut dyn Write) + '_ {
     move |_| stream.shutdown(Shutdown::Write).expect("half-close")
 }
 
-#[test]
-fn preset_port_table_end_to_end() {
+pub fn preset_port_table_end_to_end() {
     let plane = if bpf_required() { "kernel" } else { "auto" };
     let chat_http = HeaderEcho::start("127.0.0.2:80", Expect::V1);
     let chat = HeaderEcho::start("127.0.0.2:5222", Expect::V1);
@@ -216,8 +215,7 @@ fn preset_port_table_end_to_end() {
 
 const HAPROXY_DEFAULTS: &str = "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n";
 
-#[test]
-fn haproxy_accepts_our_v1_and_v2_headers() {
+pub fn haproxy_accepts_our_v1_and_v2_headers() {
     // HAProxy takes our header (accept-proxy) and passes the client address it read on
     // to the echo upstream in its own v1 header (send-proxy).
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::V1);
@@ -251,8 +249,7 @@ fn haproxy_accepts_our_v1_and_v2_headers() {
     }
 }
 
-#[test]
-fn haproxy_send_proxy_v2_in_front_is_accepted() {
+pub fn haproxy_send_proxy_v2_in_front_is_accepted() {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::V1);
     let (relay, _file) = relay_with_config(
         &format!(
@@ -279,8 +276,7 @@ fn haproxy_send_proxy_v2_in_front_is_accepted() {
     assert_eq!(echo.next_header(WITHIN), v1(client, front_addr));
 }
 
-#[test]
-fn openssl_completes_tls_on_tls_listeners() {
+pub fn openssl_completes_tls_on_tls_listeners() {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::V1);
     let (cert, key) = operator_certificate("parity");
     let (relay, _file) = relay_with_config(
@@ -323,8 +319,7 @@ fn openssl_completes_tls_on_tls_listeners() {
     assert!(header.ends_with(&format!(" {front}\r\n")), "{header}");
 }
 
-#[test]
-fn bad_handshakes_are_cut_off_without_disturbing_others() {
+pub fn bad_handshakes_are_cut_off_without_disturbing_others() {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
     let (relay, _file) = relay_with_config(
         &format!(
@@ -413,12 +408,11 @@ fn echoes(stream: &mut TcpStream) -> bool {
     stream.write_all(b"x").is_ok() && matches!(stream.read(&mut byte), Ok(1))
 }
 
-#[test]
-fn per_ip_limits_refuse_only_the_extra_connection() {
+pub fn per_ip_limits_refuse_only_the_extra_connection(plane: integration_tests::Plane) {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
     let target = echo.addr.to_string();
     let Some(relay) = Relay::start(
-        integration_tests::Plane::Splice,
+        plane,
         &target,
         &["--per-ip-connections", "3", "--metrics", "127.0.0.1:0"],
     ) else {
@@ -454,7 +448,7 @@ fn per_ip_limits_refuse_only_the_extra_connection() {
 
     // New connections per second: a burst of 20 from one IP meets the limit of 5.
     let Some(relay) = Relay::start(
-        integration_tests::Plane::Splice,
+        plane,
         &target,
         &["--per-ip-rate", "5", "--metrics", "127.0.0.1:0"],
     ) else {
@@ -486,8 +480,7 @@ fn per_ip_limits_refuse_only_the_extra_connection() {
     );
 }
 
-#[test]
-fn client_addresses_stay_out_of_logs_unless_asked() {
+pub fn client_addresses_stay_out_of_logs_unless_asked() {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
     for log_clients in [false, true] {
         let forward = format!("127.0.0.1:0={}", echo.addr);
@@ -519,8 +512,7 @@ fn client_addresses_stay_out_of_logs_unless_asked() {
     }
 }
 
-#[test]
-fn check_names_the_line_and_the_preset_passes_it() {
+pub fn check_names_the_line_and_the_preset_passes_it() {
     let output = Command::new(relay_binary())
         .args(["config", "--preset", "whatsapp"])
         .output()
@@ -657,8 +649,7 @@ pub fn a_client_that_stops_reading_is_closed_when_idle(plane: integration_tests:
     );
 }
 
-#[test]
-fn pool_fails_over_to_the_next_server_and_reports_health() {
+pub fn pool_fails_over_to_the_next_server_and_reports_health() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
@@ -686,8 +677,7 @@ fn pool_fails_over_to_the_next_server_and_reports_health() {
     );
 }
 
-#[test]
-fn listener_limit_queues_the_extra_client_until_a_slot_frees() {
+pub fn listener_limit_queues_the_extra_client_until_a_slot_frees() {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
     let (relay, _file) = relay_with_config(
         &format!(

@@ -26,8 +26,7 @@ fn start(args: &[&str]) -> Relay {
     Relay::spawn(args).unwrap_or_else(|log| panic!("relay did not start with {args:?}:\n{log}"))
 }
 
-#[test]
-fn sigterm_drains_open_connections_then_exits() {
+pub fn sigterm_drains_open_connections_then_exits() {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
     let forward = format!("127.0.0.1:0={}", echo.addr);
     let mut relay = start(&[
@@ -100,8 +99,7 @@ fn sigterm_drains_open_connections_then_exits() {
     assert!(closed_by_peer(&mut stuck, WITHIN));
 }
 
-#[test]
-fn sighup_reloads_listeners_and_limits_while_connections_flow() {
+pub fn sighup_reloads_listeners_and_limits_while_connections_flow() {
     let first = HeaderEcho::start("127.0.0.1:0", Expect::None);
     let second = HeaderEcho::start("127.0.0.1:0", Expect::V1);
     let (kept, removed, added) = (free_port(), free_port(), free_port());
@@ -170,8 +168,7 @@ fn sighup_reloads_listeners_and_limits_while_connections_flow() {
     assert_eq!(echo_round_trip(&mut still, b"three"), b"three");
 }
 
-#[test]
-fn sighup_rereads_the_tls_certificate() {
+pub fn sighup_rereads_the_tls_certificate() {
     // The renewal case: same paths, new certificate; no restart.
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
     let (old_cert, old_key) = operator_certificate("old");
@@ -218,8 +215,7 @@ fn relay_programs(relay: &Relay) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn restart_after_sigkill_is_clean() {
+pub fn restart_after_sigkill_is_clean() {
     if !bpf_required() {
         eprintln!("SKIPPED: needs the kernel data plane (PROXY_REQUIRE_BPF=1)");
         return;
@@ -256,8 +252,7 @@ fn echoes_within(stream: &mut TcpStream, within: Duration) -> bool {
     stream.write_all(b"x").is_ok() && matches!(stream.read(&mut byte), Ok(1))
 }
 
-#[test]
-fn out_of_descriptors_slows_accepting_logs_once_and_recovers() {
+pub fn out_of_descriptors_slows_accepting_logs_once_and_recovers() {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
     let forward = format!("127.0.0.1:0={}", echo.addr);
     let mut relay = Relay::spawn_via(
@@ -351,15 +346,14 @@ fn out_of_descriptors_slows_accepting_logs_once_and_recovers() {
     assert!(lines.iter().any(|l| l.contains("accepting again")));
 }
 
-#[test]
-fn full_kernel_maps_fall_back_to_userspace() {
+pub fn full_kernel_maps_fall_back_to_userspace(plane: Plane) {
     if !bpf_required() {
         eprintln!("SKIPPED: needs the kernel data plane (PROXY_REQUIRE_BPF=1)");
         return;
     }
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
     let Some(mut relay) = Relay::start(
-        Plane::Kernel,
+        plane,
         &echo.addr.to_string(),
         &[
             "--map-connections",
@@ -404,8 +398,7 @@ fn full_kernel_maps_fall_back_to_userspace() {
     );
 }
 
-#[test]
-fn nothing_a_client_sends_steers_the_connection() {
+pub fn nothing_a_client_sends_steers_the_connection() {
     // PROXY headers name a destination, HTTP CONNECT asks for one: the relay only ever
     // connects to its configured upstream, and passes such bytes on as payload.
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
@@ -457,8 +450,7 @@ fn as_nobody_with(caps: &str) -> Vec<String> {
     .collect()
 }
 
-#[test]
-fn kernel_mode_runs_unprivileged_with_three_capabilities() {
+pub fn kernel_mode_runs_unprivileged_with_three_capabilities(plane: Plane) {
     if !is_root() || !bpf_required() {
         eprintln!("SKIPPED: needs root to drop to nobody, and the kernel data plane");
         return;
@@ -471,8 +463,11 @@ fn kernel_mode_runs_unprivileged_with_three_capabilities() {
     let forward = format!("127.0.0.1:{low}={}", echo.addr);
     let wrapper = as_nobody_with("bpf,net_admin,net_bind_service");
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let mut relay = Relay::spawn_via(&wrapper, &["--forward", &forward, "--dataplane", "kernel"])
-        .unwrap_or_else(|log| panic!("kernel mode as nobody:\n{log}"));
+    let mut relay = Relay::spawn_via(
+        &wrapper,
+        &["--forward", &forward, "--dataplane", plane.arg()],
+    )
+    .unwrap_or_else(|log| panic!("kernel mode as nobody:\n{log}"));
     let data = payload(13, 1 << 20);
     let mut stream = TcpStream::connect(relay.addr).unwrap();
     let mut writer = stream.try_clone().unwrap();
@@ -505,8 +500,7 @@ fn kernel_mode_runs_unprivileged_with_three_capabilities() {
     assert!(line.contains("missing CAP_NET_ADMIN"), "{line}");
 }
 
-#[test]
-fn systemd_unit_passes_systemd_analyze_verify() {
+pub fn systemd_unit_passes_systemd_analyze_verify() {
     if Command::new("systemd-analyze")
         .arg("--version")
         .output()

@@ -280,11 +280,11 @@ pub fn a_client_that_never_reads_its_echo_is_held_within_bounds(plane: Plane) {
 /// bytes for that client, charged to no buffer: nothing but the relay stops them growing
 /// (2 GiB a connection, measured before it did). Each connection is held back, or reset
 /// once the kernel holds too much for it, and the reset is logged.
-pub fn a_detached_flow_that_keeps_without_end_is_reset() {
+pub fn a_detached_flow_that_keeps_without_end_is_reset(plane: Plane) {
     // Echoed 8 KiB at a time, as socat does: through socat, 5 connections in 6 grew.
     let upstream = Upstream::start(Behaviour::EchoBy(8 << 10));
     let Some(mut relay) = Relay::start_via(
-        Plane::Kernel,
+        plane,
         &["env", "EBPF_PROXY_BACKLOG_LIMIT=1048576"],
         &upstream.relay_target(),
         &["--metrics", "127.0.0.1:0"],
@@ -396,10 +396,10 @@ fn median(mut samples: Vec<u64>) -> u64 {
     samples[samples.len() / 2]
 }
 
-pub fn kernel_mode_moves_bytes_without_the_relay_process() {
+pub fn kernel_mode_moves_bytes_without_the_relay_process(plane: Plane) {
     let total = 1u64 << 30;
     let upstream = Upstream::start(Behaviour::Push(total));
-    let Some(relay) = Relay::start(Plane::Kernel, &upstream.relay_target(), &[]) else {
+    let Some(relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
         return;
     };
     let ticks_before = relay.cpu_ticks();

@@ -222,10 +222,10 @@ pub fn concurrent_connections_of_random_sizes_verify(plane: Plane) {
 /// that connection must still arrive intact, relayed in userspace. The relay's upstream
 /// connect is held back (the upstream's accept queue is full, so its SYN waits for the
 /// retransmit a second later) while the client sends its request and FIN.
-pub fn kernel_falls_back_when_a_fin_came_first() {
+pub fn kernel_falls_back_when_a_fin_came_first(plane: Plane) {
     let (upstream, fillers) = full_listener();
     let target = upstream.local_addr().expect("upstream address");
-    let Some(mut relay) = Relay::start(Plane::Kernel, &target.to_string(), &[]) else {
+    let Some(mut relay) = Relay::start(plane, &target.to_string(), &[]) else {
         return;
     };
     let request = payload(51, 5000);
@@ -260,13 +260,10 @@ pub fn kernel_falls_back_when_a_fin_came_first() {
 /// `auto`'s rule (README, "How it works"): a connection that ends within its warm-up never
 /// enters the sockhash; one that outlives it, or carries a bulk of bytes, moves in once,
 /// mid-stream, without losing or repeating a byte.
-pub fn auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_kernel() {
+pub fn auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_kernel(plane: Plane) {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
-    let Some(relay) = Relay::start(
-        Plane::Auto,
-        &echo.addr.to_string(),
-        &["--metrics", "127.0.0.1:0"],
-    ) else {
+    let Some(relay) = Relay::start(plane, &echo.addr.to_string(), &["--metrics", "127.0.0.1:0"])
+    else {
         return;
     };
     if !relay.scrape().contains("dataplane=\"kernel\"") {
@@ -333,7 +330,7 @@ pub fn auto_keeps_short_connections_in_userspace_and_moves_long_ones_into_the_ke
 /// back once userspace has moved what was kept. With the limit lowered to 64 KiB (256 KiB
 /// hard), 64 MiB exchanges at loopback speed do that again and again, both ways at once:
 /// every byte must still arrive once and in order.
-pub fn detached_flows_come_back_into_the_kernel_in_order() {
+pub fn detached_flows_come_back_into_the_kernel_in_order(plane: Plane) {
     let from_upstream = payload(92, 64 << 20);
     let upstream = Upstream::start(Behaviour::Exchange(from_upstream.clone()));
     let forward = format!("127.0.0.1:0={}", upstream.relay_target());
@@ -341,7 +338,7 @@ pub fn detached_flows_come_back_into_the_kernel_in_order() {
         "--forward",
         &forward,
         "--dataplane",
-        "kernel",
+        plane.arg(),
         "--metrics",
         "127.0.0.1:0",
     ];

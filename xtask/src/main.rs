@@ -126,7 +126,7 @@ fn main() -> Result<()> {
                 .args(["test", "--release", "--package", "integration-tests"])
                 .args(["--test", "integration", "--", "--exact"])
                 .args([
-                    "kernel::soak_keeps_every_byte_and_leaks_nothing",
+                    "soak_keeps_every_byte_and_leaks_nothing::kernel",
                     "--nocapture",
                 ])
                 .env("EBPF_PROXY_BIN", &binary)

@@ -102,34 +102,34 @@ pub async fn run(
     mut signals: mpsc::UnboundedReceiver<Signal>,
 ) -> Result<(), RelayError> {
     let plane = choose_data_plane(&config)?;
-    let mut server = Server::start(config, plane).await?;
+    let mut relay = Relay::start(config, plane).await?;
     let drain = loop {
         match signals.recv().await {
             Some(Signal::Reload) => match load() {
-                Ok(config) => server.reload(config).await,
+                Ok(config) => relay.reload(config).await,
                 Err(e) => warn!("reload failed, the running configuration stays: {e}"),
             },
             Some(Signal::Drain) => break true,
             Some(Signal::Stop) | None => break false,
         }
     };
-    server.stop_accepting().await;
+    relay.stop_accepting().await;
     if drain {
-        let timeout = server.config.timeouts.drain;
+        let timeout = relay.config.timeouts.drain;
         info!(
             "draining: no new connections; waiting up to {timeout:?} for {} open ones",
-            server.open.load(Ordering::Relaxed)
+            relay.open.load(Ordering::Relaxed)
         );
         tokio::select! {
-            () = server.all_closed() => info!("drained"),
+            () = relay.all_closed() => info!("drained"),
             _ = tokio::time::sleep(timeout) => {
-                info!("drain timeout: closing {} connections", server.open.load(Ordering::Relaxed));
+                info!("drain timeout: closing {} connections", relay.open.load(Ordering::Relaxed));
             }
             _ = signals.recv() => info!("second signal: closing every connection now"),
         }
     }
     info!("shutting down: closing connections");
-    server.close_all().await;
+    relay.close_all().await;
     info!("all connections closed");
     Ok(())
 }
@@ -166,7 +166,8 @@ fn listen_keys(listeners: &[ListenerConfig]) -> Vec<ListenKey> {
         .collect()
 }
 
-struct Server {
+/// The running relay: its configuration, listeners, pools and connection budget.
+struct Relay {
     config: Config,
     plane: DataPlane,
     pins: Arc<Pins>,
@@ -188,7 +189,7 @@ struct Server {
     stop: watch::Sender<bool>,
 }
 
-impl Server {
+impl Relay {
     async fn start(config: Config, plane: DataPlane) -> Result<Self, RelayError> {
         let pins = Pins::new(config.pins.clone());
         let pools = resolve_pools(&config, &pins).await?;
@@ -209,7 +210,7 @@ impl Server {
             pools: RwLock::new(pools.clone()),
             plane: plane.clone(),
         });
-        let mut server = Self {
+        let mut relay = Self {
             limit: Arc::new(Semaphore::new(permits as usize)),
             permits,
             fd_budget,
@@ -227,37 +228,37 @@ impl Server {
             open: Arc::new(AtomicU64::new(0)),
             stop,
         };
-        server.use_pools(pools);
-        server.check_map_size();
-        server.check_fd_budget();
-        let listeners = server.config.listeners.clone();
+        relay.use_pools(pools);
+        relay.check_map_size();
+        relay.check_fd_budget();
+        let listeners = relay.config.listeners.clone();
         for (key, listener) in listen_keys(&listeners).into_iter().zip(listeners) {
             let (socket, local) = bind(listener.listen).await?;
-            server.serve(key, listener, socket, local);
+            relay.serve(key, listener, socket, local);
         }
-        server.publish_listener_metrics();
-        if let Some(addr) = server.config.metrics {
+        relay.publish_listener_metrics();
+        if let Some(addr) = relay.config.metrics {
             let (socket, local) = bind(addr).await?;
             if !addr.ip().is_loopback() {
                 warn!("metrics are served on {local}, which is not loopback: firewall it");
             }
             info!("metrics on http://{local}/metrics");
-            server
+            relay
                 .background
-                .spawn(metrics::serve(socket, Arc::clone(&server.metrics)));
+                .spawn(metrics::serve(socket, Arc::clone(&relay.metrics)));
         }
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
             Ok(usr1) => {
-                server.background.spawn(report_status_on_sigusr1(
+                relay.background.spawn(report_status_on_sigusr1(
                     usr1,
-                    server.plane.clone(),
-                    Arc::clone(&server.open),
+                    relay.plane.clone(),
+                    Arc::clone(&relay.open),
                 ));
             }
             Err(e) => warn!("no status line on SIGUSR1: {e}"),
         }
-        info!("ready: {} listeners", server.running.len());
-        Ok(server)
+        info!("ready: {} listeners", relay.running.len());
+        Ok(relay)
     }
 
     /// Starts accepting on `socket` for `config`.
