@@ -25,7 +25,7 @@ async fn main() -> ExitCode {
             print!("{}", preset.text());
             Ok(())
         }
-        Some(Command::Check { config }) => check(Source::File(config)),
+        Some(Command::Check { config }) => check(Source::File(config)).await,
         Some(Command::Status { metrics }) => ebpf_proxy::metrics::status(metrics)
             .await
             .map(|text| print!("{text}"))
@@ -48,8 +48,10 @@ async fn main() -> ExitCode {
     }
 }
 
-/// `ebpf-proxy check`: everything that can be verified without binding or connecting.
-fn check(source: Source) -> anyhow::Result<()> {
+/// `ebpf-proxy check`: everything that can be verified without binding or connecting. A
+/// name that does not resolve is a warning, not an error: the relay starts without it and
+/// keeps asking.
+async fn check(source: Source) -> anyhow::Result<()> {
     let config = Config::load(&source, &Overrides::default())?;
     if let TlsSource::Files { .. } = config.tls {
         ebpf_proxy::tls::acceptor(&config.tls)?;
@@ -57,6 +59,22 @@ fn check(source: Source) -> anyhow::Result<()> {
     let Source::File(path) = source else {
         unreachable!("check reads files")
     };
+    for pool in &config.pools {
+        for upstream in &pool.servers {
+            let target = (upstream.host.as_str(), upstream.port);
+            match tokio::time::timeout(RESOLVE_DEADLINE, tokio::net::lookup_host(target)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => eprintln!(
+                    "warning: pool {}: upstream {upstream} does not resolve now ({e}); the relay starts anyway and keeps asking",
+                    pool.name
+                ),
+                Err(_) => eprintln!(
+                    "warning: pool {}: upstream {upstream} did not resolve within {RESOLVE_DEADLINE:?}; the relay starts anyway and keeps asking",
+                    pool.name
+                ),
+            }
+        }
+    }
     println!(
         "{}: ok ({} listeners, {} pools)",
         path.display(),
@@ -65,6 +83,9 @@ fn check(source: Source) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// How long `check` waits for each name.
+const RESOLVE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Runs the relay: SIGHUP reloads, SIGTERM drains, SIGINT (or a second signal) stops.
 async fn serve(config: Config, source: Source, overrides: Overrides) -> anyhow::Result<()> {

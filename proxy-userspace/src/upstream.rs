@@ -16,7 +16,7 @@ use tokio::{
     net::{TcpStream, lookup_host},
     time::timeout,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{Balance, PoolConfig, Upstream};
 
@@ -83,9 +83,11 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Resolves every server once. A pool none of whose servers resolve cannot serve, so
-    /// that is an error; a server that does not resolve yet is retried at each re-resolve.
-    pub async fn resolve(config: &PoolConfig, pins: Arc<Pins>) -> Result<Arc<Self>, ResolveError> {
+    /// Resolves every server once. A server that does not resolve yet starts down and is
+    /// retried with backoff ([`RETRY_FIRST`] doubling to [`RETRY_LAST`]) by `maintain`;
+    /// meanwhile connects skip it, and a pool with no address at all refuses clients at
+    /// once. Nothing here stops the relay: DNS may be down at boot, or tampered with.
+    pub async fn resolve(config: &PoolConfig, pins: Arc<Pins>) -> Arc<Self> {
         let mut servers = Vec::with_capacity(config.servers.len());
         let mut errors = Vec::new();
         for upstream in &config.servers {
@@ -99,19 +101,23 @@ impl Pool {
                 addrs: Mutex::new(addrs),
             });
         }
-        if errors.len() == servers.len() {
-            return Err(errors.swap_remove(0));
+        if !errors.is_empty() && errors.len() == servers.len() {
+            warn!(
+                "pool {} has no address yet, so its clients are refused until a name resolves (retrying with backoff): {}",
+                config.name, errors[0]
+            );
+        } else {
+            for e in errors {
+                warn!("{e}; retrying with backoff");
+            }
         }
-        for e in errors {
-            warn!("{e}; retrying every {:?}", config.resolve_interval);
-        }
-        Ok(Arc::new(Self {
+        Arc::new(Self {
             name: config.name.clone(),
             config: config.clone(),
             servers,
             next: AtomicUsize::new(0),
             pins,
-        }))
+        })
     }
 
     pub fn servers(&self) -> &[Server] {
@@ -157,17 +163,41 @@ impl Pool {
         Err(last)
     }
 
-    /// Re-resolves names and runs health checks for as long as the task lives.
+    /// Re-resolves names, retries those that never resolved, and runs health checks, for
+    /// as long as the task lives.
     pub async fn maintain(self: Arc<Self>) {
         let mut resolve_tick = tokio::time::interval(self.config.resolve_interval);
         resolve_tick.reset();
         let mut health_tick = self.config.health_interval.map(tokio::time::interval);
+        let mut retry_delay = RETRY_FIRST;
+        let retry = tokio::time::sleep(retry_delay);
+        tokio::pin!(retry);
         loop {
+            let unresolved = self.servers.iter().any(|s| s.addrs().is_empty());
             tokio::select! {
+                () = &mut retry, if unresolved => {
+                    self.resolve_missing().await;
+                    retry_delay = next_retry(retry_delay);
+                    retry.as_mut().reset(tokio::time::Instant::now() + retry_delay);
+                }
                 _ = resolve_tick.tick() => self.re_resolve().await,
                 _ = async { health_tick.as_mut().expect("guarded").tick().await }, if health_tick.is_some() => {
                     self.check_health().await;
                 }
+            }
+        }
+    }
+
+    /// Asks again for the servers that have never resolved.
+    async fn resolve_missing(&self) {
+        for server in self.servers.iter().filter(|s| s.addrs().is_empty()) {
+            match resolve(&server.upstream, &self.pins).await {
+                Ok(addrs) => {
+                    info!("upstream {} resolves now, to {addrs:?}", server.upstream);
+                    *server.addrs.lock().unwrap_or_else(|e| e.into_inner()) = addrs;
+                    server.set_up(&self.name, true, &"");
+                }
+                Err(e) => debug!("{e}; retrying"),
             }
         }
     }
@@ -203,6 +233,15 @@ impl Pool {
     }
 }
 
+/// The first retry of a name that did not resolve, and the longest wait between retries.
+pub const RETRY_FIRST: Duration = Duration::from_secs(1);
+pub const RETRY_LAST: Duration = Duration::from_secs(60);
+
+/// The wait after one of `previous`: twice as long, up to [`RETRY_LAST`].
+fn next_retry(previous: Duration) -> Duration {
+    (previous * 2).min(RETRY_LAST)
+}
+
 /// EMFILE, ENFILE, ENOBUFS, ENOMEM: no socket could be made at all.
 pub fn is_local_shortage(e: &io::Error) -> bool {
     matches!(
@@ -215,7 +254,7 @@ pub fn is_local_shortage(e: &io::Error) -> bool {
 pub enum ConnectError {
     #[error("no socket for the upstream: {0}")]
     Local(io::Error),
-    #[error("no server has an address yet")]
+    #[error("no server has an address yet (its names do not resolve)")]
     NoAddresses,
     #[error("{0} refused: {1}")]
     Refused(Upstream, io::Error),
@@ -273,7 +312,7 @@ mod tests {
             health_timeout: Duration::from_secs(1),
             resolve_interval: Duration::from_secs(60),
         };
-        Pool::resolve(&config, Pins::new(pins)).await.unwrap()
+        Pool::resolve(&config, Pins::new(pins)).await
     }
 
     async fn accepted_by(listeners: &[&tokio::net::TcpListener], stream: &TcpStream) -> usize {
@@ -343,6 +382,49 @@ mod tests {
         let _back = tokio::net::TcpListener::bind(addr).await.unwrap();
         pool.check_health().await;
         assert!(pool.servers()[0].is_up());
+    }
+
+    #[tokio::test]
+    async fn a_pool_that_does_not_resolve_refuses_until_its_name_does() {
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = PoolConfig {
+            name: "p".into(),
+            servers: vec![
+                format!("{}:{}", name(0), a.local_addr().unwrap().port())
+                    .parse()
+                    .unwrap(),
+            ],
+            balance: Balance::Failover,
+            health_interval: None,
+            health_timeout: Duration::from_secs(1),
+            resolve_interval: Duration::from_secs(60),
+        };
+        let pool = Pool::resolve(&config, Pins::default().into()).await;
+        assert!(!pool.servers()[0].is_up());
+        assert!(matches!(
+            pool.connect(Duration::from_secs(1)).await,
+            Err(ConnectError::NoAddresses)
+        ));
+        pool.resolve_missing().await;
+        assert!(!pool.servers()[0].is_up(), "still no answer");
+        pool.pins.replace(BTreeMap::from([(
+            name(0),
+            vec![a.local_addr().unwrap().ip()],
+        )]));
+        pool.resolve_missing().await;
+        assert!(pool.servers()[0].is_up());
+        let s = pool.connect(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(accepted_by(&[&a], &s).await, 0);
+    }
+
+    #[test]
+    fn retries_back_off_to_the_longest_wait() {
+        let waits: Vec<Duration> =
+            std::iter::successors(Some(RETRY_FIRST), |d| Some(next_retry(*d)))
+                .take(8)
+                .collect();
+        assert_eq!(waits[..3], [1, 2, 4].map(Duration::from_secs));
+        assert_eq!(waits[7], RETRY_LAST);
     }
 
     #[tokio::test]

@@ -1,8 +1,15 @@
 //! Bad input gets a one-line error that says what to fix.
 
-use std::net::TcpListener;
+use std::{
+    io::{self, Read, Write},
+    net::{TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
 
-use integration_tests::{Relay, is_root, one_error_line, run_to_exit, run_to_exit_via};
+use integration_tests::{
+    Expect, HeaderEcho, Received, Relay, TempFile, exchange, is_root, metric, one_error_line,
+    payload, run_to_exit, run_to_exit_via,
+};
 
 pub fn malformed_forward_is_a_usage_error() {
     let (status, stderr) = run_to_exit(&["--forward", "127.0.0.1:80"]);
@@ -32,17 +39,99 @@ pub fn port_in_use_says_so() {
     );
 }
 
-pub fn unresolvable_upstream_says_so() {
-    // A DNS label over 63 bytes cannot be encoded, so the resolver fails without asking
-    // any server: no traffic leaves the machine.
-    let host = format!("{}.example", "a".repeat(64));
-    let forward = format!("127.0.0.1:0={host}:80");
-    let (status, stderr) = run_to_exit(&["--forward", &forward, "--dataplane", "copy"]);
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(
-        one_error_line(&stderr).contains("does not resolve"),
-        "{stderr}"
+/// DNS down at boot, or a name that does not exist yet: the relay starts anyway, says so
+/// once, refuses the pool's clients at once, shows the server down in its metrics, and
+/// serves as soon as the name resolves. The name is answered by a private /etc/hosts in
+/// the relay's own mount namespace, so no query leaves the machine.
+pub fn a_name_that_does_not_resolve_yet_delays_nothing_but_its_pool() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root for a private /etc/hosts (unshare --mount)");
+        return;
+    }
+    let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
+    let hosts = TempFile::new("hosts", "127.0.0.1 localhost\n");
+    let forward = format!("127.0.0.1:0=later-upstream.test:{}", echo.addr.port());
+    // The hosts file is bound over /etc/hosts in a namespace of the relay's own.
+    let hosts_env = format!("HOSTS={}", hosts.path());
+    let wrapper = [
+        "env",
+        &hosts_env,
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount --bind \"$HOSTS\" /etc/hosts && exec \"$0\" \"$@\"",
+    ];
+    let mut relay = Relay::spawn_via(
+        &wrapper,
+        &[
+            "--forward",
+            &forward,
+            "--dataplane",
+            "copy",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    )
+    .unwrap_or_else(|log| panic!("the relay must start with a name that does not resolve:\n{log}"));
+    let warnings: Vec<&String> = relay
+        .lines
+        .iter()
+        .filter(|l| l.contains("does not resolve") || l.contains("no address yet"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning: {:#?}", relay.lines);
+    let server = format!("later-upstream.test:{}", echo.addr.port());
+    let up = |relay: &Relay| metric(&relay.scrape(), "upstream_up", &[("server", &server)]);
+    assert_eq!(
+        up(&relay),
+        0,
+        "the server shows down while its name does not resolve"
     );
+
+    // Meanwhile a client is turned away at once, not left waiting.
+    let started = Instant::now();
+    let mut client = TcpStream::connect(relay.addr).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 1];
+    let answer = client.read(&mut buf);
+    assert!(
+        matches!(answer, Ok(0))
+            || answer
+                .as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionReset),
+        "the client should be closed, got {answer:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed after {:?}",
+        started.elapsed()
+    );
+
+    // The name appears: the retries (with backoff) find it, and clients get through.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&hosts.0)
+        .and_then(|mut f| f.write_all(b"127.0.0.1 later-upstream.test\n"))
+        .expect("append to the hosts file");
+    assert!(
+        relay
+            .wait_for_line("resolves now", Duration::from_secs(20))
+            .is_some(),
+        "the relay never found the name: {:#?}",
+        relay.lines
+    );
+    assert_eq!(up(&relay), 1);
+    let data = payload(77, 64 << 10);
+    let got = exchange(
+        TcpStream::connect(relay.addr).expect("connect"),
+        data.clone(),
+    )
+    .expect("echo");
+    assert_eq!(got, Received::of(&data));
 }
 
 /// Runs as `nobody`, with no capabilities at all.

@@ -94,7 +94,7 @@ cases!([splice] => parity::per_ip_limits_refuse_only_the_extra_connection);
 cases!([] =>
     cli::malformed_forward_is_a_usage_error,
     cli::port_in_use_says_so,
-    cli::unresolvable_upstream_says_so,
+    cli::a_name_that_does_not_resolve_yet_delays_nothing_but_its_pool,
     cli::without_privileges_auto_falls_back_and_kernel_says_why,
     flood::flood_from_many_addresses_keeps_limits_and_service,
     parity::preset_port_table_end_to_end,

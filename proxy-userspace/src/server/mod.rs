@@ -31,7 +31,7 @@ use crate::{
     metrics::{self, Metrics},
     sys,
     tls::{self, TlsError},
-    upstream::{Pins, Pool, ResolveError},
+    upstream::{Pins, Pool},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +42,6 @@ pub enum RelayError {
         #[source]
         source: io::Error,
     },
-    #[error(transparent)]
-    Resolve(#[from] ResolveError),
     #[error("--dataplane kernel unavailable")]
     Kernel(#[from] KernelLoadError),
     #[error(transparent)]
@@ -192,7 +190,7 @@ struct Relay {
 impl Relay {
     async fn start(config: Config, plane: DataPlane) -> Result<Self, RelayError> {
         let pins = Pins::new(config.pins.clone());
-        let pools = resolve_pools(&config, &pins).await?;
+        let pools = resolve_pools(&config, &pins).await;
         let (stop, stop_rx) = watch::channel(false);
         let client_limits = ClientLimits::new(&config.limits);
         let shared = Arc::new(RwLock::new(Arc::new(Shared {
@@ -348,10 +346,7 @@ impl Relay {
     /// timeouts and TLS replaced. Established connections are not touched. Anything that
     /// fails leaves the running configuration as it was.
     async fn reload(&mut self, config: Config) {
-        let pools = match resolve_pools(&config, &self.pins).await {
-            Ok(pools) => pools,
-            Err(e) => return warn!("reload failed, the running configuration stays: {e}"),
-        };
+        let pools = resolve_pools(&config, &self.pins).await;
         let tls = match tls_acceptor(&config) {
             Ok(tls) => tls,
             Err(e) => return warn!("reload failed, the running configuration stays: {e}"),
@@ -507,12 +502,12 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), RelayError>
     Ok((listener, local))
 }
 
-async fn resolve_pools(config: &Config, pins: &Arc<Pins>) -> Result<Vec<Arc<Pool>>, ResolveError> {
+async fn resolve_pools(config: &Config, pins: &Arc<Pins>) -> Vec<Arc<Pool>> {
     let mut pools = Vec::with_capacity(config.pools.len());
     for pool in &config.pools {
-        pools.push(Pool::resolve(pool, Arc::clone(pins)).await?);
+        pools.push(Pool::resolve(pool, Arc::clone(pins)).await);
     }
-    Ok(pools)
+    pools
 }
 
 fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, TlsError> {
