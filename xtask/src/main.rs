@@ -4,6 +4,7 @@
 mod bench;
 mod fuzz;
 mod layers;
+mod packages;
 mod toolchain;
 
 use std::{
@@ -224,6 +225,7 @@ fn host_cargo(object: &Path) -> Command {
 }
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
+    packages::ensure(packages::FOR_TESTS)?;
     let binary = build(root)?;
     let object = toolchain::ebpf_object(root);
     run(host_cargo(&object)

@@ -17,7 +17,7 @@ mod verdict;
 use std::{
     io::{BufRead as _, BufReader},
     path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     thread,
     time::Instant,
 };
@@ -182,14 +182,7 @@ pub struct Results {
 }
 
 pub fn bench(root: &Path, binary: &Path, helper: &Path, plan: &Plan) -> Result<()> {
-    ensure_tools(&[
-        ("iperf3", "iperf3"),
-        ("haproxy", "haproxy"),
-        ("socat", "socat"),
-        ("gnuplot", "gnuplot-nox"),
-        ("taskset", "util-linux"),
-        ("ip", "iproute2"),
-    ])?;
+    crate::packages::ensure(crate::packages::FOR_BENCH)?;
     if thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
         bail!("the bench places endpoints on two CPUs; this machine has one");
     }
@@ -439,37 +432,6 @@ fn meminfo_kib(field: &str) -> Result<u64> {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .with_context(|| format!("no {field} in /proc/meminfo"))
-}
-
-/// Installs the Debian packages of the commands the bench runs, when one is missing.
-fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = tools
-        .iter()
-        .filter(|(command, _)| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {command}")])
-                .output()
-                .map_or(true, |o| !o.status.success())
-        })
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("installing {} with apt-get", missing.join(" "));
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("apt-get")?;
-    if !status.success() {
-        bail!(
-            "could not install {}: run apt-get update, or install them yourself",
-            missing.join(" ")
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]
