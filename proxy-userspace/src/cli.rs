@@ -9,7 +9,7 @@ use crate::config::{Overrides, Preset, Source};
 #[derive(Debug, Parser)]
 #[command(
     name = "ebpf-proxy",
-    version,
+    version = env!("EBPF_PROXY_VERSION"),
     about = "A TCP relay whose bytes move inside the kernel (sockmap + sk_skb eBPF).",
     after_help = "Without --forward or --config, runs the WhatsApp proxy preset.\n\
                   Examples:\n  ebpf-proxy --preset whatsapp\n  \

@@ -1,7 +1,8 @@
 //! Developer and operator commands: `cargo xtask build | build-and-run | test | soak | fuzz |
-//! bench`.
+//! bench | dist`.
 
 mod bench;
+mod dist;
 mod fuzz;
 mod layers;
 mod packages;
@@ -57,6 +58,9 @@ enum Task {
         #[arg(long)]
         backlog_limit: Option<u64>,
     },
+    /// Build the release archive: a static x86_64 binary with the eBPF object embedded, the
+    /// systemd unit, the preset and the README, in target/dist/.
+    Dist,
     /// Run each cargo-fuzz target (PROXY header parser, config loader) for a while.
     Fuzz {
         /// Seconds per target.
@@ -163,6 +167,7 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Test { args } => test(&root, &args),
+        Task::Dist => dist::dist(&root).map(drop),
         Task::Bench {
             quick,
             runs,
@@ -217,11 +222,25 @@ fn build(root: &Path) -> Result<PathBuf> {
 }
 
 /// A host cargo command that embeds `object`. Every host build xtask runs passes it, so no
-/// build here ever replaces the binary with one lacking (or holding an older) object.
+/// build here ever replaces the binary with one lacking (or holding an older) object. It
+/// also names the commit, for `ebpf-proxy --version`.
 fn host_cargo(object: &Path) -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.env("PROXY_EBPF_OBJECT", object);
+    command.env("EBPF_PROXY_COMMIT", commit(&workspace_root()));
     command
+}
+
+/// The commit checked out, with `-dirty` when the work tree has changes.
+fn commit(root: &Path) -> String {
+    Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=7"])
+        .current_dir(root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 fn test(root: &Path, args: &[String]) -> Result<()> {

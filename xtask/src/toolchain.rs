@@ -141,7 +141,8 @@ pub fn build_ebpf(root: &Path, linker: &Path) -> Result<PathBuf> {
     Ok(object)
 }
 
-fn capture(command: &mut Command) -> Result<String> {
+/// Runs `command` and returns its standard output; fails with its standard error.
+pub fn capture(command: &mut Command) -> Result<String> {
     let output = command
         .output()
         .with_context(|| format!("running {command:?}"))?;

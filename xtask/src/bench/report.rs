@@ -52,18 +52,6 @@ pub fn publish(root: &Path, markdown: &str) -> Result<()> {
     .with_context(|| format!("writing {}", path.display()))
 }
 
-/// The commit measured, with `-dirty` when the work tree has changes.
-fn commit(root: &Path) -> String {
-    Command::new("git")
-        .args(["describe", "--always", "--dirty", "--abbrev=7"])
-        .current_dir(root)
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|| "unknown".to_owned())
-}
-
 pub(super) fn machine() -> String {
     let read = |path| fs::read_to_string(path).unwrap_or_default();
     let cpuinfo = read("/proc/cpuinfo");
@@ -103,7 +91,7 @@ fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
         md,
         "Measured {} at commit {} on {}.",
         today(),
-        commit(&root),
+        crate::commit(&root),
         machine()
     )?;
     writeln!(
