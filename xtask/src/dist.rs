@@ -19,7 +19,7 @@ use crate::{
 const TARGET: &str = "x86_64-unknown-linux-musl";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Builds and packs the archive; returns its path.
+/// Builds and packs the archive; returns the folder it packed.
 pub fn dist(root: &Path) -> Result<PathBuf> {
     // ring's C and assembly build with the musl toolchain's compiler.
     packages::ensure(&[("musl-gcc", "musl-tools")])?;
@@ -76,7 +76,7 @@ pub fn dist(root: &Path) -> Result<PathBuf> {
         .arg(&archive)
         .args(["-C", dist.to_str().context("a UTF-8 path")?, &name]))?;
     println!("{}\n{}", version.trim(), archive.display());
-    Ok(archive)
+    Ok(stage)
 }
 
 /// Fails unless `binary` is a static ELF executable: no program interpreter to load it.

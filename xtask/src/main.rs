@@ -1,10 +1,12 @@
 //! Developer and operator commands: `cargo xtask build | build-and-run | test | soak | fuzz |
-//! bench | dist`.
+//! bench | dist | image`.
 
 mod bench;
 mod dist;
 mod fuzz;
+mod image;
 mod layers;
+mod manifests;
 mod packages;
 mod toolchain;
 
@@ -61,6 +63,9 @@ enum Task {
     /// Build the release archive: a static x86_64 binary with the eBPF object embedded, the
     /// systemd unit, the preset and the README, in target/dist/.
     Dist,
+    /// Build the OCI image localhost/ebpf-proxy:latest from scratch with podman, and check
+    /// that it relays in kernel mode on the host network.
+    Image,
     /// Run each cargo-fuzz target (PROXY header parser, config loader) for a while.
     Fuzz {
         /// Seconds per target.
@@ -168,6 +173,7 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => test(&root, &args),
         Task::Dist => dist::dist(&root).map(drop),
+        Task::Image => image::image(&root),
         Task::Bench {
             quick,
             runs,
@@ -245,6 +251,7 @@ fn commit(root: &Path) -> String {
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
     packages::ensure(packages::FOR_TESTS)?;
+    manifests::check(root)?;
     let binary = build(root)?;
     let object = toolchain::ebpf_object(root);
     run(host_cargo(&object)
