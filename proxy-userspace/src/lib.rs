@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod kernel;
 mod limits;
 pub mod metrics;
+mod notice;
 pub mod proxy_protocol;
 mod server;
 mod sys;

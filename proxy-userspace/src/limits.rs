@@ -1,5 +1,7 @@
 //! Per-client-IP limits: concurrent connections and new connections per second (a token
-//! bucket). IPv6 clients are counted per /64, the block one subscriber usually holds.
+//! bucket). IPv6 clients are counted per /64, the block one subscriber usually holds. Off
+//! unless the operator sets them: a carrier NAT puts thousands of users behind one address.
+//! Refusals are told at info level, at most once a minute, with their count.
 
 use std::{
     collections::HashMap,
@@ -8,7 +10,9 @@ use std::{
     time::Instant,
 };
 
-use crate::{config::Limits, counters::Refusal};
+use tracing::info;
+
+use crate::{config::Limits, counters::Refusal, notice::Notice};
 
 /// Above this many tracked addresses, entries with nothing open and a full bucket are
 /// dropped; what remains is bounded by open connections and one second of new ones.
@@ -25,6 +29,7 @@ pub struct ClientLimits {
     /// Both limits, replaced together on reload; counts in the table carry over.
     settings: Mutex<(u32, u32)>,
     table: Mutex<HashMap<IpAddr, Entry>>,
+    refusals: Notice,
 }
 
 /// A connection counted against its client's limit until dropped.
@@ -37,6 +42,7 @@ impl ClientLimits {
         Arc::new(Self {
             settings: Mutex::new((limits.per_ip_connections, limits.per_ip_rate)),
             table: Mutex::new(HashMap::new()),
+            refusals: Notice::default(),
         })
     }
 
@@ -48,6 +54,17 @@ impl ClientLimits {
 
     /// Counts a new connection from `ip`, or says which limit it is over.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ClientSlot, Refusal> {
+        self.count(ip).inspect_err(|reason| {
+            if let Some(since) = self.refusals.count() {
+                info!(
+                    "refused {since} connection(s) over the per-address limits since the last notice, the latest over {}; if these are real users (a carrier NAT puts many behind one address), raise or remove per_ip_connections and per_ip_rate (next notice in a minute at the earliest)",
+                    reason.label()
+                );
+            }
+        })
+    }
+
+    fn count(self: &Arc<Self>, ip: IpAddr) -> Result<ClientSlot, Refusal> {
         let (per_ip_connections, per_ip_rate) =
             *self.settings.lock().unwrap_or_else(|e| e.into_inner());
         if per_ip_connections == 0 && per_ip_rate == 0 {

@@ -1,8 +1,9 @@
-//! A connection flood from many loopback addresses: per-IP limits hold, a legitimate
-//! client keeps being served, and /metrics keeps answering.
+//! Many connections: a flood from many loopback addresses meets the per-IP limits an
+//! operator set while a legitimate client keeps being served and /metrics keeps answering;
+//! and without such limits, the default, one address's thousand connections are all served.
 
 use std::{
-    io::Read,
+    io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     sync::{
         Arc,
@@ -12,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Relay, connect_from, http_get, metric, raw, reset};
+use integration_tests::{Expect, HeaderEcho, Relay, connect_from, http_get, metric, raw, reset};
 
 /// The flood: attempts per second offered, for how long, from how many source addresses.
 const RATE: u64 = 20_000;
@@ -149,5 +150,116 @@ pub fn flood_from_many_addresses_keeps_limits_and_service() {
     assert!(
         scrape_worst < Duration::from_secs(2),
         "metrics answered in {scrape_worst:?}"
+    );
+}
+
+/// Connections one address holds open at once in [`one_address_is_never_refused`]: what a
+/// carrier NAT's users look like from the relay.
+const FROM_ONE_ADDRESS: usize = 1000;
+
+/// With the defaults, one address may open as many connections as the relay holds: a
+/// plain forward and the preset each serve a thousand at once from 127.0.0.1, and refuse
+/// none.
+pub fn one_address_is_never_refused() {
+    raise_descriptor_limit(4 * FROM_ONE_ADDRESS as u64 + 256);
+    let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
+    let forward = format!("127.0.0.1:0={}", echo.addr);
+    // The test's echo accepts with std's backlog of 128: under load the relay's connects
+    // may need a SYN retransmission or two, which is not a refusal.
+    let patient = ["--connect-timeout", "30s"];
+    let relay = Relay::spawn(
+        &[
+            &["--forward", &forward, "--metrics", "127.0.0.1:0"][..],
+            &patient,
+        ]
+        .concat(),
+    )
+    .unwrap_or_else(|log| panic!("relay did not start:\n{log}"));
+    all_served(&relay, relay.addr, "a plain forward");
+
+    // Addresses of its own: an echo thread keeps its port for the rest of the process.
+    let chat = HeaderEcho::start("127.0.0.5:5222", Expect::V1);
+    let relay = Relay::spawn(&[
+        "--preset",
+        "whatsapp",
+        "--bind",
+        "127.0.0.1",
+        "--resolve",
+        "g.whatsapp.net=127.0.0.5",
+        "--resolve",
+        "g-fallback.whatsapp.net=127.0.0.6",
+        "--resolve",
+        "whatsapp.net=127.0.0.7",
+        "--metrics",
+        "127.0.0.1:0",
+        patient[0],
+        patient[1],
+    ])
+    .unwrap_or_else(|log| panic!("the preset did not start:\n{log}"));
+    all_served(
+        &relay,
+        "127.0.0.1:5222".parse().unwrap(),
+        "the preset's 5222",
+    );
+    drop(chat);
+}
+
+/// Opens [`FROM_ONE_ADDRESS`] connections to `addr`, all held open at once, then has each
+/// carry a message there and back.
+fn all_served(relay: &Relay, addr: SocketAddr, what: &str) {
+    let mut streams: Vec<TcpStream> = (0..FROM_ONE_ADDRESS)
+        .map(|i| TcpStream::connect(addr).unwrap_or_else(|e| panic!("{what}: connection {i}: {e}")))
+        .collect();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(45)))
+            .expect("timeout");
+        let message = format!("connection {i:04} of one address");
+        stream.write_all(message.as_bytes()).expect("send");
+        let mut back = vec![0u8; message.len()];
+        stream.read_exact(&mut back).unwrap_or_else(|e| {
+            panic!(
+                "{what}: connection {i} was not served: {e}; the relay's metrics:\n{}",
+                relay.scrape()
+            )
+        });
+        assert_eq!(back, message.as_bytes(), "{what}: connection {i}");
+    }
+    let scrape = relay.scrape();
+    let refused: u64 = scrape
+        .lines()
+        .filter(|l| l.starts_with("ebpf_proxy_connections_refused_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(refused, 0, "{what}: refusals in\n{scrape}");
+    let open: u64 = scrape
+        .lines()
+        .filter(|l| l.starts_with("ebpf_proxy_connections_open{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(
+        open, FROM_ONE_ADDRESS as u64,
+        "{what}: connections open at once"
+    );
+}
+
+/// Raises this process's soft descriptor limit to at least `wanted` (up to the hard one).
+fn raise_descriptor_limit(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted.min(limit.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+    assert!(
+        limit.rlim_cur >= wanted,
+        "this test needs {wanted} descriptors; the hard limit is {}",
+        limit.rlim_max
     );
 }

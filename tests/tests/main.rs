@@ -97,6 +97,7 @@ cases!([] =>
     cli::a_name_that_does_not_resolve_yet_delays_nothing_but_its_pool,
     cli::without_privileges_auto_falls_back_and_kernel_says_why,
     flood::flood_from_many_addresses_keeps_limits_and_service,
+    flood::one_address_is_never_refused,
     parity::preset_port_table_end_to_end,
     parity::haproxy_accepts_our_v1_and_v2_headers,
     parity::haproxy_send_proxy_v2_in_front_is_accepted,

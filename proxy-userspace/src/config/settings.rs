@@ -100,12 +100,14 @@ section! {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_CONNECTIONS as i64))]
         #[serde(default, deserialize_with = "connections")]
         pub max_connections: u32 = 4096,
-        /// Concurrent connections per client IP (IPv6: per /64); 0 for no limit.
+        /// Concurrent connections per client IP (IPv6: per /64); 0, the default, for no
+        /// limit: a carrier NAT puts many users behind one address.
         #[arg(long, value_name = "N")]
-        pub per_ip_connections: u32 = 256,
-        /// New connections per second per client IP (IPv6: per /64); 0 for no limit.
+        pub per_ip_connections: u32 = 0,
+        /// New connections per second per client IP (IPv6: per /64); 0, the default, for no
+        /// limit.
         #[arg(long, value_name = "N")]
-        pub per_ip_rate: u32 = 32,
+        pub per_ip_rate: u32 = 0,
     }
 }
 

@@ -32,8 +32,6 @@ use crate::{
     },
 };
 
-/// The shortest gap between two warnings of one kind (maps declined, kept-bytes resets).
-const WARNING_EVERY: Duration = Duration::from_secs(60);
 /// SO_RCVLOWAT during setup: above any window (the kernel caps it at half the largest
 /// receive buffer), so data-ready, and with it the program, waits for the release.
 const HOLD_LOW_WATER: libc::c_int = libc::c_int::MAX;
@@ -102,9 +100,9 @@ impl KernelDataPlane {
                 if matches!(declined.reason, KernelRelayError::NotEstablished) {
                     return;
                 }
-                if once_a_minute(&self.declined_warned_ns) {
+                if let Some(since) = self.declined_notice.count() {
                     warn!(
-                        "kernel maps declined a connection ({}): relaying it in userspace ({total} fallbacks so far; next notice in a minute at the earliest)",
+                        "kernel maps declined {since} connection(s) since the last notice, the latest because {}: relayed in userspace ({total} fallbacks in all; next notice in a minute at the earliest)",
                         declined.reason
                     );
                 }
@@ -394,17 +392,6 @@ impl Drop for KernelConnection<'_> {
         // The streams close right after this, with the connection's fields.
         self.remove_traces(Teardown::Closing);
     }
-}
-
-/// True at most once per [`WARNING_EVERY`] for one `last` (coarse monotonic ns of the last
-/// true; 0: never), however many tasks ask.
-pub(super) fn once_a_minute(last: &AtomicU64) -> bool {
-    let now = sys::monotonic_coarse_ns();
-    let then = last.load(Ordering::Relaxed);
-    (then == 0 || now.saturating_sub(then) >= WARNING_EVERY.as_nanos() as u64)
-        && last
-            .compare_exchange(then, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
 }
 
 /// A connection's progress as the program counted it (see `activity`).

@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 
 use super::{
     backpressure::{hold_sender, restore_receive_buffer},
-    connection::{KernelConnection, once_a_minute},
+    connection::KernelConnection,
     flow::{Flow, MOVE_BUFFER, Want, socket_error},
     watcher::{ERROR, READABLE},
 };
@@ -139,9 +139,9 @@ impl KernelConnection<'_> {
                 .saturating_sub(flow.ledger.passed_moved.load(Ordering::Acquire));
             if waiting > KEPT_LIMIT {
                 let total = self.plane.kept_resets.fetch_add(1, Ordering::Relaxed) + 1;
-                if once_a_minute(&self.plane.kept_reset_warned_ns) {
+                if let Some(since) = self.plane.kept_reset_notice.count() {
                     warn!(
-                        "reset a connection one of whose ends sent {} MiB that waited in the kernel while the other read nothing ({total} such resets so far; next notice in a minute at the earliest)",
+                        "reset {since} connection(s) since the last notice, the latest because one end sent {} MiB that waited in the kernel while the other read nothing ({total} such resets in all; next notice in a minute at the earliest)",
                         waiting >> 20
                     );
                 }

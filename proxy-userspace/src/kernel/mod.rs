@@ -31,6 +31,8 @@ pub use connection::{Declined, KernelRelayError};
 use maps::FlowMaps;
 use watcher::SocketWatcher;
 
+use crate::notice::Notice;
+
 /// The object `cargo xtask build` compiled from proxy-ebpf, when this binary embeds one.
 #[cfg(embedded_bpf)]
 const OBJECT: Option<&[u8]> = {
@@ -111,13 +113,12 @@ pub struct KernelDataPlane {
     /// passed the hard limit, or the peer left the map), and came back into it.
     detached: AtomicU64,
     resumed: AtomicU64,
-    /// When the last "maps declined" warning was logged (coarse monotonic ns; 0: never):
-    /// at most one a minute, however many connections are declined.
-    declined_warned_ns: AtomicU64,
+    /// The "maps declined" warning, at most one a minute however many are declined.
+    declined_notice: Notice,
     /// Connections reset because a detached flow kept more than the kernel can be left to
-    /// hold (proxy_common::KEPT_LIMIT), and when that was last logged.
+    /// hold (proxy_common::KEPT_LIMIT), and their warning.
     kept_resets: AtomicU64,
-    kept_reset_warned_ns: AtomicU64,
+    kept_reset_notice: Notice,
     watcher: Arc<SocketWatcher>,
     // Dropping the Ebpf detaches the program and frees the maps: it lives as long as we do.
     _ebpf: Ebpf,
@@ -195,9 +196,9 @@ impl KernelDataPlane {
             promoted: AtomicU64::new(0),
             detached: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
-            declined_warned_ns: AtomicU64::new(0),
+            declined_notice: Notice::default(),
             kept_resets: AtomicU64::new(0),
-            kept_reset_warned_ns: AtomicU64::new(0),
+            kept_reset_notice: Notice::default(),
             _ebpf: ebpf,
         }))
     }
