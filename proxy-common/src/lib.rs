@@ -100,7 +100,8 @@ pub const SEQ_TRACKED: u32 = 1;
 /// repeat a byte.
 pub const FLOW_BROKEN: u32 = 2;
 
-/// What userspace tells the program about one flow. Written only by userspace.
+/// What userspace tells the program about one flow. Written only by userspace; the last
+/// three fields are for people (`ebpf-proxy flows`, bpftool), and the program ignores them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowControl {
@@ -111,15 +112,22 @@ pub struct FlowControl {
     pub checkpoint_bytes: u64,
     /// The [`FlowState::checks_requested`] value userspace last answered.
     pub checks_done: u32,
-    pub _padding: u32,
+    /// For the client's flow (client to upstream), the port of the listener the client
+    /// came in on; 0 for the upstream's flow. So the two flows of a connection tell apart.
+    pub listener_port: u16,
+    /// The client's port, when the relay logs client addresses (`--log-clients`); else 0.
+    pub client_port: u16,
     /// Bytes of a detached flow's [`FlowState::passed_bytes`] that userspace has read and
     /// written into the peer. When it equals `passed_bytes`, every byte the program kept
     /// has gone on, and the program resumes redirecting at the next segment.
     pub passed_moved: u64,
+    /// The client's address (IPv4 mapped into IPv6), when the relay logs client addresses;
+    /// else zeros.
+    pub client_ip: [u8; 16],
 }
 
 const _: () = assert!(core::mem::size_of::<FlowState>() == 56);
-const _: () = assert!(core::mem::size_of::<FlowControl>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowControl>() == 48);
 
 #[cfg(feature = "user")]
 mod user {

@@ -21,8 +21,9 @@ use aya_ebpf::{
     bindings::__sk_buff,
     cty::c_void,
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_loop, bpf_skb_adjust_room},
-    macros::{map, stream_verdict},
-    maps::{HashMap, RingBuf, SockHash},
+    btf_maps::HashMap,
+    macros::{btf_map, map, stream_verdict},
+    maps::{RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use proxy_common::{
@@ -33,12 +34,14 @@ use proxy_common::{
 #[map]
 static RELAY_SOCKETS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
-#[map]
-static RELAY_FLOWS: HashMap<u64, FlowState> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+// The flow records are BTF maps: their key and value types travel with them, so bpftool
+// prints each field by name. (The sockhash and the ring buffer have no fields to name.)
+#[btf_map]
+static RELAY_FLOWS: HashMap<u64, FlowState, { DEFAULT_MAX_SOCKETS as usize }> = HashMap::new();
 
-#[map]
-static RELAY_CONTROLS: HashMap<u64, FlowControl> =
-    HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+#[btf_map]
+static RELAY_CONTROLS: HashMap<u64, FlowControl, { DEFAULT_MAX_SOCKETS as usize }> =
+    HashMap::new();
 
 #[map]
 static RELAY_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);

@@ -1,4 +1,4 @@
-//! The command line: run the relay (the default), or `check`, `config`, `status`.
+//! The command line: run the relay (the default), or `check`, `config`, `flows`, `status`.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -36,6 +36,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Preset::Whatsapp)]
         preset: Preset,
     },
+    /// Print every kernel-mode connection on this machine, from the kernel's maps (as root).
+    Flows,
     /// Print a running relay's connections, bytes and upstream health (from its metrics).
     Status {
         /// The relay's metrics address.

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod counters;
 pub mod dataplane;
+pub mod flows;
 pub mod kernel;
 mod limits;
 pub mod metrics;

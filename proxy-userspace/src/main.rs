@@ -26,6 +26,9 @@ async fn main() -> ExitCode {
             Ok(())
         }
         Some(Command::Check { config }) => check(Source::File(config)).await,
+        Some(Command::Flows) => ebpf_proxy::flows::table()
+            .map(|text| print!("{text}"))
+            .map_err(Into::into),
         Some(Command::Status { metrics }) => ebpf_proxy::metrics::status(metrics)
             .await
             .map(|text| print!("{text}"))

@@ -239,3 +239,74 @@ pub fn bpf_program_is_listed_while_running_and_gone_after(plane: Plane) {
         "program or maps left behind"
     );
 }
+
+/// What an operator sees of a live kernel-mode connection without the relay's help:
+/// bpftool prints the flow records' fields by name, and `ebpf-proxy flows` shows the
+/// connection with the bytes it moved each way (and, under --log-clients, the client).
+pub fn bpftool_and_the_flows_view_show_a_live_connection(plane: Plane) {
+    if !is_root() && !integration_tests::bpf_required() {
+        eprintln!("SKIPPED: reading the kernel's maps needs root");
+        return;
+    }
+    let upstream = Upstream::start(Behaviour::BannerThenEcho(payload(51, 3000)));
+    let Some(relay) = Relay::start(plane, &upstream.relay_target(), &["--log-clients"]) else {
+        return;
+    };
+    let mut client = TcpStream::connect(relay.addr).expect("connect");
+    let sent = payload(52, 100_000);
+    let mut writer = client.try_clone().expect("clone");
+    let sending = {
+        let sent = sent.clone();
+        std::thread::spawn(move || writer.write_all(&sent))
+    };
+    let mut back = vec![0u8; 3000 + sent.len()];
+    client.read_exact(&mut back).expect("banner and echo");
+    sending.join().expect("sender").expect("send");
+
+    // bpftool, on this relay's own RELAY_FLOWS (other tests' relays come and go).
+    let (_, maps) = bpf_ids(relay.pid());
+    let flows_map = maps
+        .iter()
+        .find(|&&id| bpftool_name("map", id).as_deref() == Some("RELAY_FLOWS"))
+        .expect("the relay's RELAY_FLOWS");
+    let dump = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "id", &flows_map.to_string()])
+        .output()
+        .expect("bpftool");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    for field in ["\"formatted\"", "\"last_active_ns\"", "\"detachments\""] {
+        assert!(dump.contains(field), "bpftool shows no {field}:\n{dump}");
+    }
+    let client_to_upstream = format!("\"redirected_bytes\":{}", sent.len());
+    let upstream_to_client = format!("\"redirected_bytes\":{}", back.len());
+    assert!(
+        dump.contains(&client_to_upstream) && dump.contains(&upstream_to_client),
+        "bpftool shows other byte counts than {} and {}:\n{dump}",
+        sent.len(),
+        back.len()
+    );
+
+    // The flows view, as another process would run it.
+    let output = std::process::Command::new(integration_tests::relay_binary())
+        .arg("flows")
+        .output()
+        .expect("ebpf-proxy flows");
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let local = client.local_addr().expect("client address").to_string();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&relay.addr.port().to_string()) && l.contains(&local))
+        .unwrap_or_else(|| panic!("no row for {local} on {}:\n{table}", relay.addr));
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        fields[2..4],
+        [sent.len().to_string(), back.len().to_string()],
+        "{table}"
+    );
+    assert!(row.contains("kernel / kernel"), "{table}");
+}

@@ -77,6 +77,7 @@ cases!([kernel] =>
     resources::a_detached_flow_that_keeps_without_end_is_reset,
     resources::kernel_mode_moves_bytes_without_the_relay_process,
     lifecycle::bpf_program_is_listed_while_running_and_gone_after,
+    lifecycle::bpftool_and_the_flows_view_show_a_live_connection,
     reliability::full_kernel_maps_fall_back_to_userspace,
     reliability::kernel_mode_runs_unprivileged_with_three_capabilities,
 );

@@ -17,13 +17,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_common::{FlowControl, FlowState, SEQ_TRACKED};
+use proxy_common::{FlowState, SEQ_TRACKED};
 use tracing::{debug, warn};
 
 use super::{
     KernelDataPlane,
     backpressure::{RECEIVE_BUFFER, SEND_BUFFER, restore_receive_buffer},
-    flow::{Flow, FlowLedger, Socket},
+    flow::{Flow, FlowLabel, FlowLedger, Socket},
 };
 use crate::{
     sys,
@@ -92,7 +92,7 @@ impl KernelDataPlane {
         handover: Handover,
     ) -> Result<Result<Transfer, ConnectionError>, Declined> {
         let connection = self
-            .join_maps(client, upstream, handover)
+            .join_maps(client, upstream, handover, supervision.log_clients)
             .inspect_err(|declined| {
                 let total = self.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
                 // A FIN that beat the setup is routine; a map that refuses entries is news,
@@ -115,10 +115,12 @@ impl KernelDataPlane {
         client: TcpStream,
         upstream: TcpStream,
         handover: Handover,
+        log_clients: bool,
     ) -> Result<KernelConnection<'_>, Declined> {
         let prepared = prepare(&client, handover)
-            .and_then(|client_prepared| Ok((client_prepared, prepare(&upstream, handover)?)));
-        let (client_prepared, upstream_prepared) = match prepared {
+            .and_then(|client_prepared| Ok((client_prepared, prepare(&upstream, handover)?)))
+            .and_then(|prepared| Ok((prepared, label(&client, log_clients)?)));
+        let ((client_prepared, upstream_prepared), label) = match prepared {
             Ok(v) => v,
             Err(e) => return Err(Declined::intact(client, upstream, e)),
         };
@@ -155,8 +157,17 @@ impl KernelDataPlane {
             plane: self,
             client: socket(client, client_prepared.cookie, client_signals),
             upstream: socket(upstream, upstream_prepared.cookie, upstream_signals),
-            to_upstream: FlowLedger::new(client_prepared.unread_from, upstream_prepared.queued),
-            to_client: FlowLedger::new(upstream_prepared.unread_from, client_prepared.queued),
+            to_upstream: FlowLedger::new(
+                label,
+                client_prepared.unread_from,
+                upstream_prepared.queued,
+            ),
+            // Only the client's flow carries the label: so the two tell apart.
+            to_client: FlowLedger::new(
+                FlowLabel::default(),
+                upstream_prepared.unread_from,
+                client_prepared.queued,
+            ),
         };
         // Flow entries exist before either socket can run the program.
         if let Err(e) = connection.install_flows() {
@@ -227,6 +238,19 @@ fn prepare(stream: &TcpStream, handover: Handover) -> Result<Prepared, KernelRel
     })
 }
 
+/// The label of the client's flow: the listener's port, and the client's address only when
+/// the relay may show it.
+fn label(client: &TcpStream, log_clients: bool) -> io::Result<FlowLabel> {
+    Ok(FlowLabel {
+        listener_port: client.local_addr()?.port(),
+        client: if log_clients {
+            Some(client.peer_addr()?)
+        } else {
+            None
+        },
+    })
+}
+
 /// Puts one socket into the sockhash.
 fn insert(plane: &KernelDataPlane, socket: &mut Socket) -> Result<(), KernelRelayError> {
     plane
@@ -272,11 +296,7 @@ impl KernelConnection<'_> {
                 },
                 None => FlowState::default(),
             };
-            let control = FlowControl {
-                peer_cookie: flow.to.cookie,
-                ..FlowControl::default()
-            };
-            (state, control)
+            (state, flow.ledger.label.control(flow.to.cookie))
         };
         self.plane.maps.install(
             [self.client.cookie, self.upstream.cookie],

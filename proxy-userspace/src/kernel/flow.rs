@@ -6,7 +6,7 @@
 
 use std::{
     io,
-    net::TcpStream,
+    net::{IpAddr, SocketAddr, TcpStream},
     os::fd::AsRawFd,
     sync::{
         Arc, OnceLock,
@@ -48,9 +48,17 @@ pub(super) struct Socket {
     pub drained_mark_ns: AtomicU64,
 }
 
+/// Who a flow belongs to, for people reading the maps (see FlowControl).
+#[derive(Clone, Copy, Default)]
+pub(super) struct FlowLabel {
+    pub listener_port: u16,
+    pub client: Option<SocketAddr>,
+}
+
 /// What userspace knows of one flow beyond the program's record; keyed, like the record,
 /// by the source socket.
 pub(super) struct FlowLedger {
+    pub label: FlowLabel,
     /// Sequence number of the source's first byte userspace has not read, when it read any
     /// before the socket joined the map.
     pub unread_from: Option<u32>,
@@ -72,8 +80,9 @@ pub(super) struct FlowLedger {
 }
 
 impl FlowLedger {
-    pub fn new(unread_from: Option<u32>, destination_queued: u64) -> Self {
+    pub fn new(label: FlowLabel, unread_from: Option<u32>, destination_queued: u64) -> Self {
         Self {
+            label,
             unread_from,
             moved: AtomicU64::new(0),
             peer_userspace: AtomicU64::new(destination_queued),
@@ -243,16 +252,38 @@ impl KernelConnection<'_> {
     pub(super) fn publish_control(&self, flow: Flow<'_>) -> Result<(), FlowError> {
         let ledger = flow.ledger;
         let control = FlowControl {
-            peer_cookie: flow.to.cookie,
             checkpoint_bytes: ledger.checkpoint.load(Ordering::Acquire),
             checks_done: ledger.checks_done.load(Ordering::Acquire),
-            _padding: 0,
             passed_moved: ledger.passed_moved.load(Ordering::Acquire),
+            ..ledger.label.control(flow.to.cookie)
         };
         self.plane
             .maps
             .publish(flow.from.cookie, &control)
             .map_err(FlowError::Source)
+    }
+}
+
+impl FlowLabel {
+    /// A fresh control record for a flow towards `peer_cookie`, labelled.
+    pub fn control(&self, peer_cookie: u64) -> FlowControl {
+        let (client_ip, client_port) = match self.client {
+            Some(addr) => (
+                match addr.ip() {
+                    IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
+                    IpAddr::V6(ip) => ip.octets(),
+                },
+                addr.port(),
+            ),
+            None => ([0; 16], 0),
+        };
+        FlowControl {
+            peer_cookie,
+            listener_port: self.listener_port,
+            client_port,
+            client_ip,
+            ..FlowControl::default()
+        }
     }
 }
 

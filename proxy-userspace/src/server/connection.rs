@@ -225,6 +225,7 @@ impl Connection {
             idle: self.shared.timeouts.idle,
             half_closed: self.shared.timeouts.half_closed,
             metrics: Arc::clone(&self.listener.metrics),
+            log_clients: self.shared.log_clients,
         }
     }
 

@@ -17,6 +17,9 @@ pub struct Supervision {
     /// One direction finished and the other still open this long after: close.
     pub half_closed: Duration,
     pub metrics: Arc<ListenerMetrics>,
+    /// Whether the client's address may be shown (`--log-clients`), in logs and in what
+    /// the kernel maps hold for `ebpf-proxy flows`.
+    pub log_clients: bool,
 }
 
 /// Why a connection was closed by the relay rather than by its peers.
@@ -112,6 +115,7 @@ mod tests {
             idle,
             half_closed,
             metrics: Arc::new(ListenerMetrics::new("test".into())),
+            log_clients: false,
         }
     }
 
