@@ -11,6 +11,10 @@
 //! (SK_PASS), where TCP's own accounting bounds it, for userspace to move. Once userspace
 //! has moved every byte kept (it says how many) and the destination has caught up, the
 //! next segment resumes the redirect.
+//!
+//! Rare events (a retransmission trimmed or too long to trim, a flow detached or resumed,
+//! a redirect that found no peer) are logged through aya-log, each kind at most at
+//! powers of two of its count per flow, so the per-packet path gains only a comparison.
 #![no_std]
 #![no_main]
 
@@ -26,6 +30,7 @@ use aya_ebpf::{
     maps::{RingBuf, SockHash},
     programs::SkBuffContext,
 };
+use aya_log_ebpf::{debug, warn};
 use proxy_common::{
     DEFAULT_BACKLOG_LIMIT, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, FLOW_BROKEN, FlowControl,
     FlowState, SEQ_TRACKED, SEQ_UNKNOWN, hard_limit,
@@ -79,11 +84,25 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
         // A broken flow is being reset by userspace: nothing more goes on.
         return Ok(SK_DROP);
     }
+    let trimmed_before = flow.trimmed_bytes;
     let Some(len) = trim_repeated_head(ctx, flow) else {
+        warn!(
+            ctx,
+            "flow {}: a retransmission repeats more bytes than can be trimmed; the connection is reset rather than repeat or lose one",
+            cookie
+        );
         flow.seq_state = FLOW_BROKEN;
         notify(cookie);
         return Ok(SK_DROP);
     };
+    if trimmed_before == 0 && flow.trimmed_bytes != 0 {
+        debug!(
+            ctx,
+            "flow {}: trimmed {} repeated bytes off a retransmitted segment (first trim of this flow)",
+            cookie,
+            flow.trimmed_bytes
+        );
+    }
     if len == 0 {
         // Every byte of it was handed on before.
         return Ok(SK_DROP);
@@ -106,13 +125,16 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
         }
         flow.detached = 0;
         flow.resumptions = flow.resumptions.wrapping_add(1);
+        if flow.resumptions.is_power_of_two() {
+            debug!(ctx, "flow {}: resumed in the kernel ({} times)", cookie, flow.resumptions);
+        }
         notify(cookie);
     }
     if backlog_bound >= hard_limit(limit) {
         // Userspace has not checked in time. Keeping the bytes here charges them to this
         // socket's receive buffer, so TCP itself closes the window: a bound that does not
         // depend on userspace. The flow resumes once userspace has moved what was kept.
-        return Ok(detach(cookie, flow, len));
+        return Ok(detach(ctx, cookie, flow, len, "its backlog bound passed the hard limit"));
     }
     if backlog_bound >= limit && flow.checks_requested == control.checks_done {
         // Once per request: userspace answers by publishing a new checkpoint.
@@ -122,7 +144,7 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
     let verdict = RELAY_SOCKETS.redirect_skb(ctx, control.peer_cookie, 0) as u32;
     if verdict == SK_DROP {
         // The peer is not (or no longer) in the map.
-        return Ok(detach(cookie, flow, len));
+        return Ok(detach(ctx, cookie, flow, len, "a redirect found no peer in the map"));
     }
     flow.redirected_bytes += len;
     Ok(verdict)
@@ -193,10 +215,13 @@ extern "C" fn trim_one_step(_index: u64, skb: *mut c_void) -> i64 {
 }
 
 /// Keeps this and every later byte on the socket: a failed redirect would drop it.
-fn detach(cookie: u64, flow: &mut FlowState, len: u64) -> u32 {
+fn detach(ctx: &SkBuffContext, cookie: u64, flow: &mut FlowState, len: u64, why: &str) -> u32 {
     flow.detached = 1;
     flow.detachments = flow.detachments.wrapping_add(1);
     flow.passed_bytes += len;
+    if flow.detachments.is_power_of_two() {
+        debug!(ctx, "flow {}: detached, {} ({} times)", cookie, why, flow.detachments);
+    }
     notify(cookie);
     SK_PASS
 }

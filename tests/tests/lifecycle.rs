@@ -219,15 +219,17 @@ pub fn bpf_program_is_listed_while_running_and_gone_after(plane: Plane) {
     );
     assert_eq!(
         names("map", &maps),
-        // .rodata holds the backlog limit set at load time.
+        // .rodata holds the backlog limit set at load time; AYA_LOGS carries the
+        // program's log lines.
         [
             ".rodata",
+            "AYA_LOGS",
             "RELAY_CONTROLS",
             "RELAY_EVENTS",
             "RELAY_FLOWS",
             "RELAY_SOCKETS"
         ],
-        "bpftool map show lists the relay's four maps and its read-only globals"
+        "bpftool map show lists the relay's four maps, its log and its read-only globals"
     );
     let (status, _) = relay.stop(libc::SIGTERM);
     assert!(status.success());

@@ -66,7 +66,10 @@ pub fn overlapping_retransmission_goes_on_once(plane: Plane) {
         stream.read_to_end(&mut all)?;
         std::io::Result::Ok(Received::of(&all))
     });
-    let Some(relay) = Relay::start(plane, &target, &["--metrics", "127.0.0.1:0"]) else {
+    // The program's own debug lines too: kernel mode logs the trim.
+    let logging = ["env", "RUST_LOG=info,ebpf_proxy::program=debug"];
+    let Some(mut relay) = Relay::start_via(plane, &logging, &target, &["--metrics", "127.0.0.1:0"])
+    else {
         return;
     };
     let mut client = connect(&relay);
@@ -121,6 +124,10 @@ pub fn overlapping_retransmission_goes_on_once(plane: Plane) {
             "the program trimmed {} bytes, expected at least {repeat}",
             trimmed()
         );
+        let line = relay
+            .wait_for_line("repeated bytes off a retransmitted segment", DEADLINE)
+            .unwrap_or_else(|| panic!("the program logged no trim:\n{}", relay.lines.join("\n")));
+        assert!(line.contains("ebpf_proxy::program"), "{line}");
     }
 }
 

@@ -8,6 +8,7 @@ mod connection;
 mod detached;
 mod flow;
 mod maps;
+mod program_log;
 mod watcher;
 
 use std::sync::{
@@ -161,6 +162,7 @@ impl KernelDataPlane {
             .load(object)
             .map_err(|e| KernelLoadError::from_aya(&e, KernelLoadError::Object))?;
 
+        program_log::forward(&mut ebpf);
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, SOCKETS_MAP)?;
         let flows = take_map(&mut ebpf, FLOWS_MAP)?;
         let controls = take_map(&mut ebpf, CONTROLS_MAP)?;
