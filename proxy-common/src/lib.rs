@@ -18,6 +18,11 @@ pub const EVENTS_MAP: &str = "RELAY_EVENTS";
 /// yet in the peer's TCP write queue) at which the program asks userspace to measure it.
 pub const GLOBAL_BACKLOG_LIMIT: &str = "FLOW_BACKLOG_LIMIT";
 
+/// Read-only global set at load time: 1 when the program logs its rare events (aya-log),
+/// which the verifier allows only to a loader with CAP_PERFMON; 0 leaves the logging code
+/// unvisited.
+pub const GLOBAL_LOG_EVENTS: &str = "LOG_EVENTS";
+
 /// Default for [`GLOBAL_BACKLOG_LIMIT`]: what one flow's backlog stays under normally (the
 /// kernel never pushes back on redirects; userspace throttles the sender from
 /// [`throttle_from`] of it). The kernel's redirect worker retries a full destination only a
@@ -100,8 +105,9 @@ pub const SEQ_TRACKED: u32 = 1;
 /// repeat a byte.
 pub const FLOW_BROKEN: u32 = 2;
 
-/// What userspace tells the program about one flow. Written only by userspace; the last
-/// three fields are for people (`ebpf-proxy flows`, bpftool), and the program ignores them.
+/// What userspace tells the program about one flow. Written only by userspace; the fields
+/// after `passed_moved`, and the ports, are for people (`ebpf-proxy flows`, bpftool), and
+/// the program ignores them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowControl {
@@ -124,10 +130,14 @@ pub struct FlowControl {
     /// The client's address (IPv4 mapped into IPv6), when the relay logs client addresses;
     /// else zeros.
     pub client_ip: [u8; 16],
+    /// Non-zero when the flow's source socket is outside the sockhash (it could not join):
+    /// userspace moves all of its bytes, and the program never sees them.
+    pub outside_map: u32,
+    pub _padding: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<FlowState>() == 56);
-const _: () = assert!(core::mem::size_of::<FlowControl>() == 48);
+const _: () = assert!(core::mem::size_of::<FlowControl>() == 56);
 
 #[cfg(feature = "user")]
 mod user {

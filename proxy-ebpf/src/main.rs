@@ -55,6 +55,19 @@ static RELAY_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 #[unsafe(no_mangle)]
 static FLOW_BACKLOG_LIMIT: u64 = DEFAULT_BACKLOG_LIMIT;
 
+// Set to 1 by userspace at load time when it may log: aya-log copies each record with
+// pointer arithmetic the verifier allows only with CAP_PERFMON. Read-only, so the verifier
+// sees a constant and never visits the logging code when it is 0.
+#[unsafe(no_mangle)]
+static LOG_EVENTS: u8 = 0;
+
+/// Whether this load of the program logs its events (see LOG_EVENTS).
+#[inline(always)]
+fn logging() -> bool {
+    // SAFETY: a read-only global.
+    unsafe { ptr::read_volatile(&LOG_EVENTS) != 0 }
+}
+
 /// The most one bpf_skb_adjust_room call removes from a segment's head.
 const TRIM_STEP: u32 = 0xfff;
 /// Enough steps for a repeated head of TRIM_STEP * TRIM_STEPS_MAX bytes, far more than one
@@ -86,16 +99,18 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
     }
     let trimmed_before = flow.trimmed_bytes;
     let Some(len) = trim_repeated_head(ctx, flow) else {
-        warn!(
-            ctx,
-            "flow {}: a retransmission repeats more bytes than can be trimmed; the connection is reset rather than repeat or lose one",
-            cookie
-        );
+        if logging() {
+            warn!(
+                ctx,
+                "flow {}: a retransmission repeats more bytes than can be trimmed; the connection is reset rather than repeat or lose one",
+                cookie
+            );
+        }
         flow.seq_state = FLOW_BROKEN;
         notify(cookie);
         return Ok(SK_DROP);
     };
-    if trimmed_before == 0 && flow.trimmed_bytes != 0 {
+    if logging() && trimmed_before == 0 && flow.trimmed_bytes != 0 {
         debug!(
             ctx,
             "flow {}: trimmed {} repeated bytes off a retransmitted segment (first trim of this flow)",
@@ -125,7 +140,7 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
         }
         flow.detached = 0;
         flow.resumptions = flow.resumptions.wrapping_add(1);
-        if flow.resumptions.is_power_of_two() {
+        if logging() && flow.resumptions.is_power_of_two() {
             debug!(ctx, "flow {}: resumed in the kernel ({} times)", cookie, flow.resumptions);
         }
         notify(cookie);
@@ -219,7 +234,7 @@ fn detach(ctx: &SkBuffContext, cookie: u64, flow: &mut FlowState, len: u64, why:
     flow.detached = 1;
     flow.detachments = flow.detachments.wrapping_add(1);
     flow.passed_bytes += len;
-    if flow.detachments.is_power_of_two() {
+    if logging() && flow.detachments.is_power_of_two() {
         debug!(ctx, "flow {}: detached, {} ({} times)", cookie, why, flow.detachments);
     }
     notify(cookie);

@@ -86,6 +86,7 @@ fn render(flows: &BTreeMap<u64, Flow>, now_ns: u64) -> String {
         let idle = Duration::from_nanos(now_ns.saturating_sub(last_active));
         let state = |flow: Option<&Flow>| match flow {
             None => "gone",
+            Some(f) if f.control.outside_map != 0 => "userspace",
             Some(f) if f.state.detached != 0 => "detached",
             Some(_) => "kernel",
         };
@@ -157,6 +158,10 @@ mod tests {
         let mut down = flow(3000, 0, 7);
         down.state.detached = 1;
         let flows = BTreeMap::from([(7, up), (8, down)]);
+        let mut outside = up;
+        outside.control.outside_map = 1;
+        let table = render(&BTreeMap::from([(7, outside), (8, down)]), 3_500_000_000);
+        assert!(table.contains("userspace / detached"), "{table}");
         let table = render(&flows, 3_500_000_000);
         let row = table.lines().nth(1).unwrap();
         let fields: Vec<&str> = row.split_whitespace().collect();

@@ -48,6 +48,22 @@ pub fn a_name_that_does_not_resolve_yet_delays_nothing_but_its_pool() {
         eprintln!("SKIPPED: needs root for a private /etc/hosts (unshare --mount)");
         return;
     }
+    // `check` warns of such a name but passes the file: the relay would start with it.
+    // (A label over 63 bytes cannot be encoded, so no query leaves the machine.)
+    let unresolvable = format!("{}.example", "a".repeat(64));
+    let file = TempFile::new(
+        "unresolvable.toml",
+        &format!(
+            "[pools.p]\nservers = [\"{unresolvable}:80\"]\n[[listener]]\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n"
+        ),
+    );
+    let (status, stderr) = run_to_exit(&["check", "--config", file.path()]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("does not resolve"),
+        "{stderr}"
+    );
+
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
     let hosts = TempFile::new("hosts", "127.0.0.1 localhost\n");
     let forward = format!("127.0.0.1:0=later-upstream.test:{}", echo.addr.port());

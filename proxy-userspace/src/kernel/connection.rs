@@ -201,6 +201,8 @@ impl KernelDataPlane {
         }
         if let Err(e) = insert(self, &mut connection.client) {
             debug!("client socket stays out of the map, its bytes move in userspace: {e}");
+            // So that the maps say so to whoever reads them (ebpf-proxy flows).
+            let _ = connection.publish_control(connection.flow(Direction::ClientToUpstream));
         }
         // Setting the mark runs data-ready, which hands every byte that arrived before the
         // insert to the program, in order: for the upstream this releases the hold, for the

@@ -255,6 +255,7 @@ impl KernelConnection<'_> {
             checkpoint_bytes: ledger.checkpoint.load(Ordering::Acquire),
             checks_done: ledger.checks_done.load(Ordering::Acquire),
             passed_moved: ledger.passed_moved.load(Ordering::Acquire),
+            outside_map: u32::from(!flow.from.in_map),
             ..ledger.label.control(flow.to.cookie)
         };
         self.plane

@@ -22,8 +22,8 @@ use aya::{
     programs::{ProgramError, SkSkb},
 };
 use proxy_common::{
-    CONTROLS_MAP, DEFAULT_BACKLOG_LIMIT, EVENTS_MAP, FLOWS_MAP, GLOBAL_BACKLOG_LIMIT, SOCKETS_MAP,
-    VERDICT_PROGRAM,
+    CONTROLS_MAP, DEFAULT_BACKLOG_LIMIT, EVENTS_MAP, FLOWS_MAP, GLOBAL_BACKLOG_LIMIT,
+    GLOBAL_LOG_EVENTS, SOCKETS_MAP, VERDICT_PROGRAM,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
@@ -154,15 +154,19 @@ impl KernelDataPlane {
         check_capabilities()?;
         let backlog_limit = backlog_limit();
 
+        let log_events = program_log::allowed();
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_BACKLOG_LIMIT, &backlog_limit, true)
+            .override_global(GLOBAL_LOG_EVENTS, &u8::from(log_events), true)
             .map_max_entries(SOCKETS_MAP, max_sockets)
             .map_max_entries(FLOWS_MAP, max_sockets)
             .map_max_entries(CONTROLS_MAP, max_sockets)
             .load(object)
             .map_err(|e| KernelLoadError::from_aya(&e, KernelLoadError::Object))?;
 
-        program_log::forward(&mut ebpf);
+        if log_events {
+            program_log::forward(&mut ebpf);
+        }
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, SOCKETS_MAP)?;
         let flows = take_map(&mut ebpf, FLOWS_MAP)?;
         let controls = take_map(&mut ebpf, CONTROLS_MAP)?;

@@ -2,12 +2,16 @@
 //! program, read from its log ring buffer and handed to tracing under the target
 //! `ebpf_proxy::program`. The program picks the level: warn for what an operator must see
 //! (a retransmission too long to trim), debug for the rest. Lines name flows by socket
-//! cookie, never by client address.
+//! cookie, never by client address. aya-log copies each record with pointer arithmetic
+//! the verifier allows only to a loader with CAP_PERFMON (or CAP_SYS_ADMIN); without it the
+//! program is loaded with its logging off, and its events show in the metrics only.
 
 use aya::Ebpf;
 use aya_log::EbpfLogger;
 use tokio::io::unix::AsyncFd;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+
+use crate::sys;
 
 /// Forwards the program's records to tracing.
 struct ToTracing;
@@ -27,6 +31,17 @@ impl log::Log for ToTracing {
     }
 
     fn flush(&self) {}
+}
+
+/// Whether this process may load the program with its logging on; says so once when not.
+pub fn allowed() -> bool {
+    let allowed = sys::has_capability(sys::CAP_PERFMON) || sys::has_capability(sys::CAP_SYS_ADMIN);
+    if !allowed {
+        info!(
+            "the eBPF program's event log is off: it needs CAP_PERFMON, which this process lacks (its events are still counted in the metrics)"
+        );
+    }
+    allowed
 }
 
 /// Starts forwarding the program's log; without its ring buffer the relay runs on, silent.
