@@ -92,7 +92,7 @@ impl KernelDataPlane {
         handover: Handover,
     ) -> Result<Result<Transfer, ConnectionError>, Declined> {
         let connection = self
-            .join_maps(client, upstream, handover, supervision.log_clients)
+            .join_maps(client, upstream, handover, label(supervision))
             .inspect_err(|declined| {
                 let total = self.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
                 // A FIN that beat the setup is routine; a map that refuses entries is news,
@@ -115,12 +115,11 @@ impl KernelDataPlane {
         client: TcpStream,
         upstream: TcpStream,
         handover: Handover,
-        log_clients: bool,
+        label: FlowLabel,
     ) -> Result<KernelConnection<'_>, Declined> {
         let prepared = prepare(&client, handover)
-            .and_then(|client_prepared| Ok((client_prepared, prepare(&upstream, handover)?)))
-            .and_then(|prepared| Ok((prepared, label(&client, log_clients)?)));
-        let ((client_prepared, upstream_prepared), label) = match prepared {
+            .and_then(|client_prepared| Ok((client_prepared, prepare(&upstream, handover)?)));
+        let (client_prepared, upstream_prepared) = match prepared {
             Ok(v) => v,
             Err(e) => return Err(Declined::intact(client, upstream, e)),
         };
@@ -241,16 +240,12 @@ fn prepare(stream: &TcpStream, handover: Handover) -> Result<Prepared, KernelRel
 }
 
 /// The label of the client's flow: the listener's port, and the client's address only when
-/// the relay may show it.
-fn label(client: &TcpStream, log_clients: bool) -> io::Result<FlowLabel> {
-    Ok(FlowLabel {
-        listener_port: client.local_addr()?.port(),
-        client: if log_clients {
-            Some(client.peer_addr()?)
-        } else {
-            None
-        },
-    })
+/// the relay may show it. The server knows both, so no syscall asks again.
+fn label(supervision: &Supervision) -> FlowLabel {
+    FlowLabel {
+        listener_port: supervision.listener_port,
+        client: supervision.client,
+    }
 }
 
 /// Puts one socket into the sockhash.

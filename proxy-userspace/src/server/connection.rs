@@ -68,6 +68,8 @@ pub async fn accept_loop(
     open: Arc<AtomicU64>,
 ) {
     let mut errors = AcceptErrors::new(current(&listener_now).metrics.name.clone());
+    // Read once: what kernel-mode connections record as their listener (ebpf-proxy flows).
+    let listener_port = socket.local_addr().map_or(0, |addr| addr.port());
     loop {
         // Wait for free slots before accepting: excess clients queue in the kernel backlog.
         let listener_limit = current(&listener_now).listener_limit.clone();
@@ -106,6 +108,7 @@ pub async fn accept_loop(
                     listener: Arc::clone(&listener),
                     shared: Arc::clone(&shared),
                     peer,
+                    listener_port,
                 };
                 let gauges = OpenGauges::count(&open, &listener.metrics);
                 tokio::spawn(async move {
@@ -139,6 +142,8 @@ struct Connection {
     listener: Arc<Listener>,
     shared: Arc<Shared>,
     peer: SocketAddr,
+    /// The port the client connected to.
+    listener_port: u16,
 }
 
 impl Connection {
@@ -225,7 +230,8 @@ impl Connection {
             idle: self.shared.timeouts.idle,
             half_closed: self.shared.timeouts.half_closed,
             metrics: Arc::clone(&self.listener.metrics),
-            log_clients: self.shared.log_clients,
+            listener_port: self.listener_port,
+            client: self.shared.log_clients.then_some(self.peer),
         }
     }
 

@@ -2,6 +2,7 @@
 //! and the byte counts reported to the listener's metrics while the connection lives.
 
 use std::{
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,9 +18,10 @@ pub struct Supervision {
     /// One direction finished and the other still open this long after: close.
     pub half_closed: Duration,
     pub metrics: Arc<ListenerMetrics>,
-    /// Whether the client's address may be shown (`--log-clients`), in logs and in what
-    /// the kernel maps hold for `ebpf-proxy flows`.
-    pub log_clients: bool,
+    /// The port the client connected to, and the client's address when it may be shown
+    /// (`--log-clients`): what kernel mode records for `ebpf-proxy flows`.
+    pub listener_port: u16,
+    pub client: Option<SocketAddr>,
 }
 
 /// Why a connection was closed by the relay rather than by its peers.
@@ -115,7 +117,8 @@ mod tests {
             idle,
             half_closed,
             metrics: Arc::new(ListenerMetrics::new("test".into())),
-            log_clients: false,
+            listener_port: 0,
+            client: None,
         }
     }
 
