@@ -50,21 +50,11 @@ pub(super) fn chart(dir: &Path, plan: &Plan, results: &Results) -> Result<()> {
             cell(&mut row, 1, overhead)?;
         }
         for scene in scenes {
-            let runs = results
-                .latency
-                .iter()
-                .find(|r| r.scene == *scene && r.target == target && r.size == 1024)
-                .map(|r| r.runs.clone())
-                .unwrap_or_default();
+            let runs = results.latency_runs(scene, target, 1024);
             cell(&mut row, 2, median(runs.iter().map(|q| q[1]).collect()))?;
         }
         for scene in scenes {
-            let runs = results
-                .rate
-                .iter()
-                .find(|r| r.scene == *scene && r.target == target)
-                .map(|r| r.runs.clone())
-                .unwrap_or_default();
+            let runs = results.rate_runs(scene, target);
             cell(&mut row, 3, median(runs.iter().map(|r| r.0).collect()))?;
         }
         writeln!(data, "{row}")?;

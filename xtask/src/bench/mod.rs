@@ -181,6 +181,24 @@ pub struct Results {
     pub idle: Vec<IdleRow>,
 }
 
+impl Results {
+    /// The latency runs of one cell and message size; none if it was not measured.
+    pub fn latency_runs(&self, scene: &Scene, target: Target, size: usize) -> &[[f64; 3]] {
+        self.latency
+            .iter()
+            .find(|r| r.scene == *scene && r.target == target && r.size == size)
+            .map_or(&[], |r| &r.runs)
+    }
+
+    /// The connection-rate runs of one cell; none if it was not measured.
+    pub fn rate_runs(&self, scene: &Scene, target: Target) -> &[(f64, u64)] {
+        self.rate
+            .iter()
+            .find(|r| r.scene == *scene && r.target == target)
+            .map_or(&[], |r| &r.runs)
+    }
+}
+
 pub fn bench(root: &Path, binary: &Path, helper: &Path, plan: &Plan) -> Result<()> {
     crate::packages::ensure(crate::packages::FOR_BENCH)?;
     if thread::available_parallelism().map_or(1, |n| n.get()) < 2 {

@@ -169,21 +169,11 @@ fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
         for &target in &plan.targets {
             let mut row = format!("| {} ", target.name());
             for size in [1, 1024] {
-                let runs = results
-                    .latency
-                    .iter()
-                    .find(|r| r.scene == *scene && r.target == target && r.size == size)
-                    .map(|r| r.runs.clone())
-                    .unwrap_or_default();
+                let runs = results.latency_runs(scene, target, size);
                 let q = |i: usize| median(runs.iter().map(|r| r[i]).collect());
                 write!(row, "| {:.0} / {:.0} / {:.0} ", q(0), q(1), q(2))?;
             }
-            let runs = results
-                .rate
-                .iter()
-                .find(|r| r.scene == *scene && r.target == target)
-                .map(|r| r.runs.clone())
-                .unwrap_or_default();
+            let runs = results.rate_runs(scene, target);
             let (per_second, lo, hi) = spread(runs.iter().map(|r| r.0).collect());
             let failed: u64 = runs.iter().map(|r| r.1).sum();
             let failed = if failed == 0 {
