@@ -303,15 +303,23 @@ async fn dispatch_notifications(
                 return;
             }
         };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            let Ok(cookie) = <[u8; 8]>::try_from(&item[..]) else {
-                continue;
-            };
-            if let Some(signals) = watcher.signals(u64::from_ne_bytes(cookie)) {
-                signals.raise_notified();
-            }
-        }
+        raise_notified(guard.get_inner_mut(), &watcher);
         guard.clear_ready();
+        // A record that came after the drain above gave its wakeup to the readiness just
+        // cleared, and the ring wakes its reader only once that reader has caught up: left
+        // there, it would hold back every notification after it.
+        raise_notified(guard.get_inner_mut(), &watcher);
+    }
+}
+
+/// Hands each queued notification to the connection whose socket it names.
+fn raise_notified(ring: &mut RingBuf<MapData>, watcher: &SocketWatcher) {
+    while let Some(item) = ring.next() {
+        let Ok(cookie) = <[u8; 8]>::try_from(&item[..]) else {
+            continue;
+        };
+        if let Some(signals) = watcher.signals(u64::from_ne_bytes(cookie)) {
+            signals.raise_notified();
+        }
     }
 }
