@@ -23,12 +23,12 @@ pub const GLOBAL_BACKLOG_LIMIT: &str = "FLOW_BACKLOG_LIMIT";
 /// unvisited.
 pub const GLOBAL_LOG_EVENTS: &str = "LOG_EVENTS";
 
-/// Default for [`GLOBAL_BACKLOG_LIMIT`]: what one flow's backlog stays under normally (the
-/// kernel never pushes back on redirects; userspace throttles the sender from
-/// [`throttle_from`] of it). The kernel's redirect worker retries a full destination only a
-/// jiffy later, so a fast flow's backlog swings by megabytes without anything being slow: a
-/// smaller limit costs throughput, a larger one kernel memory per slow connection (the
-/// measurements are in docs/design.md, "Backpressure and memory").
+/// Default for [`GLOBAL_BACKLOG_LIMIT`]: the largest backlog limit a flow's budget grows to
+/// (the kernel never pushes back on redirects; userspace throttles the sender from
+/// [`throttle_from`] of the flow's limit). The kernel's redirect worker retries a full
+/// destination only a jiffy later, so a fast flow's backlog swings by megabytes without
+/// anything being slow: a smaller limit costs fast flows throughput (the measurements are in
+/// docs/design.md, "Backpressure and memory"). Slow flows get less, by their drain rate.
 pub const DEFAULT_BACKLOG_LIMIT: u64 = 16 << 20;
 
 /// The bound at which the program stops redirecting and detaches the flow, for a backlog
@@ -133,7 +133,10 @@ pub struct FlowControl {
     /// Non-zero when the flow's source socket is outside the sockhash (it could not join):
     /// userspace moves all of its bytes, and the program never sees them.
     pub outside_map: u32,
-    pub _padding: u32,
+    /// This flow's backlog limit, which userspace sizes to its destination's drain rate;
+    /// 0 for [`GLOBAL_BACKLOG_LIMIT`]. It decides when the program asks for a check and
+    /// when a detached flow may resume; the hard limit stays the global's.
+    pub backlog_limit: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<FlowState>() == 56);

@@ -126,7 +126,14 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
     // SAFETY: no arguments.
     flow.last_active_ns = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: a read-only global.
-    let limit = unsafe { ptr::read_volatile(&FLOW_BACKLOG_LIMIT) };
+    let global_limit = unsafe { ptr::read_volatile(&FLOW_BACKLOG_LIMIT) };
+    // The flow's own limit, sized by userspace to its destination's drain rate, asks for
+    // checks; the hard limit stays the global one's. Detaching is for a relay that cannot
+    // answer in time, and a detached flow whose peer also backs up holds more, not less.
+    let limit = match control.backlog_limit {
+        0 => global_limit,
+        per_flow => u64::from(per_flow),
+    };
     // Never below the peer's actual backlog: draining only makes it smaller.
     let backlog_bound = flow
         .redirected_bytes
@@ -145,7 +152,7 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
         }
         notify(cookie);
     }
-    if backlog_bound >= hard_limit(limit) {
+    if backlog_bound >= hard_limit(global_limit) {
         // Userspace has not checked in time. Keeping the bytes here charges them to this
         // socket's receive buffer, so TCP itself closes the window: a bound that does not
         // depend on userspace. The flow resumes once userspace has moved what was kept.

@@ -291,14 +291,24 @@ fn recv_flags(fd: &impl AsRawFd, buf: &mut [u8], flags: libc::c_int) -> io::Resu
     check_size(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) })
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: for intervals shorter than a jiffy, which the coarse
+/// clock cannot tell apart.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
 /// CLOCK_MONOTONIC_COARSE, the clock of bpf_ktime_get_coarse_ns, in nanoseconds.
 pub fn monotonic_coarse_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: now is a valid timespec to write to.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    unsafe { libc::clock_gettime(clock, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 

@@ -49,16 +49,18 @@ pub fn sequential_connections_leave_nothing_behind(plane: Plane) {
     }
 }
 
-/// The documented bound (README, "Backpressure and memory") on what one slow direction of a
-/// kernel-mode connection makes the kernel hold, normally: a 16 MiB backlog, a window under
-/// 16 MiB and an 8 MiB send buffer. The userspace planes hold less.
+/// The documented bound (design.md, "Backpressure and memory") on what one direction of a
+/// kernel-mode connection makes the kernel hold normally, for a destination that drained
+/// fast before it stopped: a 16 MiB backlog, a window under 16 MiB and an 8 MiB send buffer.
+/// A slow destination gets far less; the userspace planes hold less too.
 const KERNEL_BOUND_MIB: u64 = 40;
 /// The test peers' own socket buffers, which a direct connection would fill too: the
 /// upstream's send buffer and the client's receive buffer (tcp_wmem and tcp_rmem maxima).
 const ENDPOINT_BUFFERS_MIB: u64 = 36;
-/// The send buffer a kernel-mode socket starts with and keeps unless its peer drains fast
-/// (4 MiB asked for, doubled by the kernel).
-const BASE_SEND_BUFFER: u64 = 8 << 20;
+/// The most send buffer a slow destination's kernel-mode socket gets: the starting 256 KiB
+/// asked for, grown once fourfold by the burst that fills the client's empty buffers, and
+/// doubled by the kernel.
+const BASE_SEND_BUFFER: u64 = 2 << 20;
 
 pub fn slow_reader_memory_is_bounded(plane: Plane) {
     let upstream = Upstream::start(Behaviour::Push(1 << 30));

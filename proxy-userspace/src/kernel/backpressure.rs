@@ -1,37 +1,31 @@
 //! Backpressure for a kernel-mode flow. A redirect ignores the destination's send buffer,
 //! so the program bounds each flow's backlog (bytes redirected, not yet in the
 //! destination's TCP write queue) from the checkpoints userspace publishes, and asks for a
-//! check when that bound reaches the backlog limit. The check measures the backlog with
-//! syscalls; from [`throttle_from`] on it holds the sender back by cutting its socket's
-//! receive buffer until the backlog is down to [`release_at`]. At the same checks the
-//! destination's send buffer is sized to its drain rate, since the kernel's redirect worker
-//! fills it only once a jiffy when it is full.
+//! check when that bound reaches the flow's budget (budget.rs). The check measures the
+//! backlog and the destination's drain rate with syscalls, resizes the budget and the
+//! destination's send buffer by that rate, and from [`throttle_from`] the budget on holds
+//! the sender back by cutting its socket's receive buffer until the backlog is down to
+//! [`release_at`] of it.
 
 use std::{io, net::TcpStream, sync::atomic::Ordering, time::Duration};
 
 use proxy_common::{release_at, throttle_from};
 
 use super::{
+    KernelDataPlane,
+    budget::{self, BUDGET_START, Drained, receive_buffer},
     connection::KernelConnection,
     flow::{Flow, Socket},
 };
 use crate::{sys, transfer::FlowError};
 
-/// SO_RCVBUF of every relayed socket; the kernel doubles it, and the advertised window
-/// stays below that: what a sender can still push once throttled. Smaller buffers cost
-/// throughput over loopback (docs/design.md, "Backpressure and memory").
-pub(super) const RECEIVE_BUFFER: libc::c_int = 8 << 20;
-/// SO_SNDBUF every relayed socket starts with (the kernel doubles it), and returns to when
-/// its destination falls behind. When a destination's send buffer is full, the kernel's
-/// redirect worker retries only a jiffy later, and wakeups meanwhile do nothing, so a flow
-/// moves at most about one send buffer per jiffy.
-pub(super) const SEND_BUFFER: libc::c_int = 4 << 20;
-/// The most SO_SNDBUF grows to, for a destination that drains fast enough to need it.
-const SEND_BUFFER_MAX: libc::c_int = 32 << 20;
-/// At each backlog check, SO_SNDBUF is set to what the destination drained in this long, so
-/// the kernel's buffer (twice that) holds many jiffies of retry delay at its own rate,
-/// within [`SEND_BUFFER`]..=[`SEND_BUFFER_MAX`].
-const SEND_BUFFER_SPAN: Duration = Duration::from_millis(64);
+impl KernelDataPlane {
+    /// The budget a new flow starts with, within the global limit.
+    pub(super) fn first_budget(&self) -> u64 {
+        BUDGET_START.min(self.backlog_limit)
+    }
+}
+
 /// The redirect backlog gives no wakeup when it empties, so its drain is polled, backing
 /// off from the first value to the second.
 const BACKLOG_POLL: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(16));
@@ -46,20 +40,20 @@ pub(super) struct Backlog {
 }
 
 impl KernelConnection<'_> {
-    /// Answers the program's request: measures the destination's backlog, throttles the
-    /// sender from [`throttle_from`] the limit on, then publishes the checkpoint the
-    /// measurement gives, so the program asks again once the backlog could have reached the
-    /// limit.
+    /// Answers the program's request: measures the destination's backlog and drain rate,
+    /// resizes the flow's budget by them, throttles the sender from [`throttle_from`] the
+    /// budget on, then publishes the checkpoint the measurement gives, so the program asks
+    /// again once the backlog could have reached the budget.
     pub(super) async fn check_backlog(
         &self,
         flow: Flow<'_>,
         requested: u32,
     ) -> Result<(), FlowError> {
         let mut measured = self.peer_backlog(flow)?;
-        // By its drain rate, not its backlog: a fast destination's backlog swings by
+        // By its drain rate first, then its backlog: a fast destination's backlog swings by
         // megabytes while the redirect worker waits out a jiffy.
-        self.fit_send_buffer(flow.to, measured.acked)?;
-        if measured.backlog >= throttle_from(self.plane.backlog_limit) {
+        self.follow_drain_rate(flow, measured.acked)?;
+        if measured.backlog >= throttle_from(flow.ledger.budget()) {
             measured = self.throttle(flow).await?;
         }
         flow.ledger.checks_done.store(requested, Ordering::Release);
@@ -88,28 +82,31 @@ impl KernelConnection<'_> {
     /// the backlog drained.
     async fn throttle(&self, flow: Flow<'_>) -> Result<Backlog, FlowError> {
         sys::set_receive_buffer(&flow.from.stream, 1).map_err(FlowError::Source)?;
-        let drained = self
-            .wait_for_peer_backlog(flow, release_at(self.plane.backlog_limit))
-            .await;
-        restore_receive_buffer(&flow.from.stream).map_err(FlowError::Source)?;
+        let budget = flow.ledger.budget();
+        let drained = self.wait_for_peer_backlog(flow, release_at(budget)).await;
+        restore_receive_buffer(&flow.from.stream, budget).map_err(FlowError::Source)?;
         drained
     }
 
-    /// Sizes `to`'s send buffer by its drain rate over the last [`SEND_BUFFER_SPAN`] or more
-    /// (checks closer together add to one measurement, so a burst between two checks is no
-    /// sample): a fast destination then bridges the redirect worker's retry delay, a slow
-    /// one holds no more than before.
-    fn fit_send_buffer(&self, to: &Socket, acked: u64) -> Result<(), FlowError> {
-        let now = sys::monotonic_coarse_ns();
-        let since_ns = now.saturating_sub(to.drained_mark_ns.load(Ordering::Acquire));
-        let span_ns = SEND_BUFFER_SPAN.as_nanos() as u64;
-        if since_ns < span_ns {
-            return Ok(());
+    /// Sizes the flow's budget, with its sender's receive buffer, and its destination's
+    /// send buffer by what the destination drained since the last check.
+    fn follow_drain_rate(&self, flow: Flow<'_>, acked: u64) -> Result<(), FlowError> {
+        let drained = flow.ledger.checked.take(acked);
+        self.fit_send_buffer(flow.to, drained)?;
+        let budget = flow.ledger.budget();
+        let resized = budget::resized_budget(budget, drained, self.plane.backlog_limit);
+        if resized != budget {
+            flow.ledger.budget.store(resized, Ordering::Release);
+            restore_receive_buffer(&flow.from.stream, resized).map_err(FlowError::Source)?;
         }
-        to.drained_mark_ns.store(now, Ordering::Release);
-        let drained = acked.saturating_sub(to.drained_mark.swap(acked, Ordering::AcqRel));
+        Ok(())
+    }
+
+    /// Sizes `to`'s send buffer by its drain rate, so that a fast destination bridges the
+    /// redirect worker's retry delay and a slow one holds little.
+    fn fit_send_buffer(&self, to: &Socket, drained: Drained) -> Result<(), FlowError> {
         let current = to.send_buffer.load(Ordering::Acquire) as libc::c_int;
-        if let Some(bytes) = resized_send_buffer(current, drained, since_ns) {
+        if let Some(bytes) = budget::resized_send_buffer(current, drained) {
             sys::set_send_buffer(&to.stream, bytes).map_err(FlowError::Destination)?;
             to.send_buffer.store(bytes as u32, Ordering::Release);
         }
@@ -186,27 +183,17 @@ pub(super) fn hold_sender(stream: &TcpStream) -> io::Result<u32> {
     Ok(buffer)
 }
 
-/// The full receive buffer again, and the window clamp lifted, after anything that may have
-/// lowered it: a cut buffer (the throttle, `hold_sender`) or autotuning before the insert.
-/// A segment longer than any before, arriving with a new length-to-truesize ratio, sets the
-/// clamp to the window of the buffer at that moment (net/ipv4/tcp_input.c,
-/// tcp_measure_rcv_mss), and a larger SO_RCVBUF later does not raise it. Pinned at a cut
-/// buffer's window, below one MSS, the sender's segments never grow past it again and the
-/// connection crawls for good.
-pub(super) fn restore_receive_buffer(stream: &TcpStream) -> io::Result<()> {
-    sys::set_receive_buffer(stream, RECEIVE_BUFFER)?;
-    sys::set_window_clamp(stream, 2 * RECEIVE_BUFFER)
-}
-
-/// The SO_SNDBUF for a destination that drained `drained` bytes in `since_ns`, if it should
-/// change from `current`: what it drains per [`SEND_BUFFER_SPAN`], within
-/// [`SEND_BUFFER`]..=[`SEND_BUFFER_MAX`]. It grows at once and shrinks only on a clear fall,
-/// so a noisy rate costs no syscalls.
-fn resized_send_buffer(current: libc::c_int, drained: u64, since_ns: u64) -> Option<libc::c_int> {
-    let span_ns = SEND_BUFFER_SPAN.as_nanos();
-    let wanted = (u128::from(drained) * span_ns / u128::from(since_ns.max(1)))
-        .clamp(SEND_BUFFER as u128, SEND_BUFFER_MAX as u128) as libc::c_int;
-    (wanted > current || wanted < current / 2).then_some(wanted)
+/// The flow's receive buffer again, and the window clamp lifted, after anything that may
+/// have lowered it: a cut buffer (the throttle, `hold_sender`), autotuning before the
+/// insert, or a smaller budget. A segment longer than any before, arriving with a new
+/// length-to-truesize ratio, sets the clamp to the window of the buffer at that moment
+/// (net/ipv4/tcp_input.c, tcp_measure_rcv_mss), and a larger SO_RCVBUF later does not raise
+/// it. Pinned at a cut buffer's window, below one MSS, the sender's segments never grow past
+/// it again and the connection crawls for good.
+pub(super) fn restore_receive_buffer(stream: &TcpStream, budget: u64) -> io::Result<()> {
+    let buffer = receive_buffer(budget);
+    sys::set_receive_buffer(stream, buffer)?;
+    sys::set_window_clamp(stream, buffer.saturating_mul(2))
 }
 
 #[cfg(test)]
@@ -215,46 +202,8 @@ mod tests {
 
     use super::{super::flow::MOVE_BUFFER, *};
 
-    const SPAN_NS: u64 = SEND_BUFFER_SPAN.as_nanos() as u64;
-
-    #[test]
-    fn a_slow_destination_keeps_the_base_send_buffer() {
-        // 64 KiB/s, or nothing at all.
-        assert_eq!(
-            resized_send_buffer(SEND_BUFFER, 64 << 10, 1_000_000_000),
-            None
-        );
-        assert_eq!(resized_send_buffer(SEND_BUFFER, 0, SPAN_NS), None);
-    }
-
-    #[test]
-    fn a_fast_destination_gets_what_it_drains_per_span_up_to_the_cap() {
-        assert_eq!(
-            resized_send_buffer(SEND_BUFFER, 24 << 20, SPAN_NS),
-            Some(24 << 20)
-        );
-        // Twice the span at the same rate asks for the same size.
-        assert_eq!(
-            resized_send_buffer(SEND_BUFFER, 48 << 20, 2 * SPAN_NS),
-            Some(24 << 20)
-        );
-        assert_eq!(
-            resized_send_buffer(SEND_BUFFER, 1 << 30, SPAN_NS),
-            Some(SEND_BUFFER_MAX)
-        );
-    }
-
-    #[test]
-    fn the_send_buffer_shrinks_only_on_a_clear_fall() {
-        let current = 24 << 20;
-        assert_eq!(resized_send_buffer(current, 16 << 20, SPAN_NS), None);
-        assert_eq!(
-            resized_send_buffer(current, 8 << 20, SPAN_NS),
-            Some(8 << 20)
-        );
-        // A destination that stopped falls back to the base, never below it.
-        assert_eq!(resized_send_buffer(current, 0, SPAN_NS), Some(SEND_BUFFER));
-    }
+    /// The receive buffer of a flow at the global limit's budget.
+    const FULL: libc::c_int = 8 << 20;
 
     /// Whether a sender has bytes waiting to be sent and none sent unacknowledged: it is
     /// stopped by the receiver's window, with everything it sent taken in (tcpi_unacked,
@@ -285,7 +234,7 @@ mod tests {
         let mut sender = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut receiver, _) = listener.accept().unwrap();
         sender.set_nodelay(true).unwrap();
-        sys::set_receive_buffer(&receiver, RECEIVE_BUFFER).unwrap();
+        sys::set_receive_buffer(&receiver, FULL).unwrap();
         // Cut as the throttle does, then segments that grow, each read before the next
         // is written so that each travels alone.
         sys::set_receive_buffer(&receiver, 1).unwrap();
@@ -296,12 +245,12 @@ mod tests {
         }
         // Linux 6.18 pins the clamp here; a kernel that does not leaves nothing to lift.
         let pinned = sys::window_clamp(&receiver).unwrap();
-        if pinned >= RECEIVE_BUFFER {
+        if pinned >= FULL {
             eprintln!("this kernel left the clamp at {pinned} through the cut");
         }
-        restore_receive_buffer(&receiver).unwrap();
+        restore_receive_buffer(&receiver, 2 * FULL as u64).unwrap();
         assert!(
-            sys::window_clamp(&receiver).unwrap() >= RECEIVE_BUFFER,
+            sys::window_clamp(&receiver).unwrap() >= FULL,
             "the clamp stays at {pinned} after the buffer is restored"
         );
     }
@@ -312,7 +261,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let sender = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut receiver, _) = listener.accept().unwrap();
-        sys::set_receive_buffer(&receiver, RECEIVE_BUFFER).unwrap();
+        sys::set_receive_buffer(&receiver, FULL).unwrap();
         let writer = sender.try_clone().unwrap();
         let pushing = std::thread::spawn(move || {
             let chunk = vec![7u8; 1 << 20];

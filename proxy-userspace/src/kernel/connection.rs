@@ -13,7 +13,7 @@ use std::{
     io,
     net::TcpStream,
     os::fd::{AsFd as _, AsRawFd},
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -22,7 +22,8 @@ use tracing::{debug, warn};
 
 use super::{
     KernelDataPlane,
-    backpressure::{RECEIVE_BUFFER, SEND_BUFFER, restore_receive_buffer},
+    backpressure::restore_receive_buffer,
+    budget::{SEND_BUFFER_START, receive_buffer},
     flow::{Flow, FlowLabel, FlowLedger, Socket},
 };
 use crate::{
@@ -72,10 +73,12 @@ pub(super) struct KernelConnection<'a> {
 }
 
 /// What setup needs of each socket before it builds the connection.
-struct Prepared {
+pub(super) struct Prepared {
     cookie: u64,
+    /// Bytes acked (tcpi_bytes_acked) so far: where its drain rate is measured from.
+    pub acked: u64,
     /// Bytes acked + SIOCOUTQ: what the socket's TCP stack has counted so far.
-    queued: u64,
+    pub queued: u64,
     unread_from: Option<u32>,
 }
 
@@ -148,9 +151,7 @@ impl KernelDataPlane {
             signals,
             in_map: false,
             interest: AtomicU32::new(0),
-            send_buffer: AtomicU32::new(SEND_BUFFER as u32),
-            drained_mark: AtomicU64::new(0),
-            drained_mark_ns: AtomicU64::new(sys::monotonic_coarse_ns()),
+            send_buffer: AtomicU32::new(SEND_BUFFER_START as u32),
         };
         let mut connection = KernelConnection {
             plane: self,
@@ -159,36 +160,42 @@ impl KernelDataPlane {
             to_upstream: FlowLedger::new(
                 label,
                 client_prepared.unread_from,
-                upstream_prepared.queued,
+                &upstream_prepared,
+                self.first_budget(),
             ),
             // Only the client's flow carries the label: so the two tell apart.
             to_client: FlowLedger::new(
                 FlowLabel::default(),
                 upstream_prepared.unread_from,
-                client_prepared.queued,
+                &client_prepared,
+                self.first_budget(),
             ),
         };
         // Flow entries exist before either socket can run the program.
         if let Err(e) = connection.install_flows() {
             return Err(connection.give_back(KernelRelayError::Io(e)));
         }
-        // Fixed buffers: the receive buffer bounds the window a throttled sender may still
-        // fill, whatever tcp_rmem lets autotuning reach; the send buffer bridges the redirect
-        // worker's retry delay. Then hold the upstream's arriving bytes in its receive queue
+        // Buffers set by hand, starting small (budget.rs): the receive buffer bounds the
+        // window a throttled sender may still fill, whatever tcp_rmem lets autotuning reach;
+        // both grow with the drain rate the checks measure. Then hold the upstream's arriving bytes in its receive queue
         // until the client is in the map too, so no redirect finds its peer missing (the
         // client joins second, when its peer is already there).
-        let prepared = [&connection.client.stream, &connection.upstream.stream]
-            .into_iter()
-            .try_for_each(|stream| {
-                // Only autotuning before the insert lowers the clamp; a fresh socket's
-                // already spans the buffer.
-                match handover {
-                    Handover::AfterReads => restore_receive_buffer(stream)?,
-                    Handover::Untouched => sys::set_receive_buffer(stream, RECEIVE_BUFFER)?,
-                }
-                sys::set_send_buffer(stream, SEND_BUFFER)
-            })
-            .and_then(|()| sys::set_receive_low_water(&connection.upstream.stream, HOLD_LOW_WATER));
+        let prepared = [
+            (&connection.client.stream, &connection.to_upstream),
+            (&connection.upstream.stream, &connection.to_client),
+        ]
+        .into_iter()
+        .try_for_each(|(stream, outgoing)| {
+            let budget = outgoing.budget();
+            // Only autotuning before the insert lowers the clamp; a fresh socket's
+            // already spans the buffer.
+            match handover {
+                Handover::AfterReads => restore_receive_buffer(stream, budget)?,
+                Handover::Untouched => sys::set_receive_buffer(stream, receive_buffer(budget))?,
+            }
+            sys::set_send_buffer(stream, SEND_BUFFER_START)
+        })
+        .and_then(|()| sys::set_receive_low_water(&connection.upstream.stream, HOLD_LOW_WATER));
         if let Err(e) = prepared {
             return Err(connection.give_back(KernelRelayError::Io(e)));
         }
@@ -234,6 +241,7 @@ fn prepare(stream: &TcpStream, handover: Handover) -> Result<Prepared, KernelRel
     };
     Ok(Prepared {
         cookie: sys::socket_cookie(stream)?,
+        acked: info.bytes_acked,
         queued: info.bytes_acked + sys::unacked_or_unsent(stream)?,
         unread_from,
     })
@@ -293,7 +301,7 @@ impl KernelConnection<'_> {
                 },
                 None => FlowState::default(),
             };
-            (state, flow.ledger.label.control(flow.to.cookie))
+            (state, flow.ledger.control(flow.to.cookie))
         };
         self.plane.maps.install(
             [self.client.cookie, self.upstream.cookie],

@@ -85,7 +85,8 @@ impl KernelConnection<'_> {
                         let caught_up = self.state(flow).passed_bytes == moved;
                         if caught_up {
                             if held.take().is_some() {
-                                restore_receive_buffer(&from.stream).map_err(FlowError::Source)?;
+                                restore_receive_buffer(&from.stream, ledger.budget())
+                                    .map_err(FlowError::Source)?;
                             }
                         } else {
                             let buffer = match held {
@@ -112,7 +113,7 @@ impl KernelConnection<'_> {
             }
         };
         if held.is_some() {
-            restore_receive_buffer(&from.stream).map_err(FlowError::Source)?;
+            restore_receive_buffer(&from.stream, ledger.budget()).map_err(FlowError::Source)?;
         }
         self.want(from, READABLE, Want::Off)?;
         Ok(kept)

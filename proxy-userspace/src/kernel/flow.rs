@@ -19,7 +19,8 @@ use proxy_common::{FLOW_BROKEN, FlowControl, FlowState};
 use tracing::debug;
 
 use super::{
-    connection::KernelConnection,
+    budget::DrainMark,
+    connection::{KernelConnection, Prepared},
     detached::Kept,
     watcher::{ERROR, HANGUP, NOTIFIED, SocketSignals, WRITABLE},
 };
@@ -42,10 +43,6 @@ pub(super) struct Socket {
     pub interest: AtomicU32,
     /// The SO_SNDBUF this socket has now, sized by how fast it drains as a destination.
     pub send_buffer: AtomicU32,
-    /// This socket's tcpi_bytes_acked, and the coarse monotonic time, at the last backlog
-    /// check of the flow into it: where its next drain rate is measured from.
-    pub drained_mark: AtomicU64,
-    pub drained_mark_ns: AtomicU64,
 }
 
 /// Who a flow belongs to, for people reading the maps (see FlowControl).
@@ -77,19 +74,46 @@ pub(super) struct FlowLedger {
     /// The flow's record as the program left it once userspace saw its source's EOF: no
     /// segment comes after a FIN, so it no longer changes and is not read again.
     pub last_state: OnceLock<FlowState>,
+    /// What the flow may hold, sized to its destination's drain rate (budget.rs): its
+    /// backlog limit, and the source's receive buffer.
+    pub budget: AtomicU64,
+    /// Where the destination's drain rate since the flow's last check is measured from.
+    pub checked: DrainMark,
 }
 
 impl FlowLedger {
-    pub fn new(label: FlowLabel, unread_from: Option<u32>, destination_queued: u64) -> Self {
+    pub fn new(
+        label: FlowLabel,
+        unread_from: Option<u32>,
+        destination: &Prepared,
+        budget: u64,
+    ) -> Self {
         Self {
+            budget: AtomicU64::new(budget),
+            checked: DrainMark::new(destination.acked),
             label,
             unread_from,
             moved: AtomicU64::new(0),
-            peer_userspace: AtomicU64::new(destination_queued),
+            peer_userspace: AtomicU64::new(destination.queued),
             checkpoint: AtomicU64::new(0),
             checks_done: AtomicU32::new(0),
             passed_moved: AtomicU64::new(0),
             last_state: OnceLock::new(),
+        }
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget.load(Ordering::Acquire)
+    }
+
+    /// The flow's control record towards `peer_cookie` as this ledger has it now.
+    pub fn control(&self, peer_cookie: u64) -> FlowControl {
+        FlowControl {
+            checkpoint_bytes: self.checkpoint.load(Ordering::Acquire),
+            checks_done: self.checks_done.load(Ordering::Acquire),
+            passed_moved: self.passed_moved.load(Ordering::Acquire),
+            backlog_limit: self.budget() as u32,
+            ..self.label.control(peer_cookie)
         }
     }
 }
@@ -250,13 +274,9 @@ impl KernelConnection<'_> {
 
     /// Hands the program what userspace knows of the flow now.
     pub(super) fn publish_control(&self, flow: Flow<'_>) -> Result<(), FlowError> {
-        let ledger = flow.ledger;
         let control = FlowControl {
-            checkpoint_bytes: ledger.checkpoint.load(Ordering::Acquire),
-            checks_done: ledger.checks_done.load(Ordering::Acquire),
-            passed_moved: ledger.passed_moved.load(Ordering::Acquire),
             outside_map: u32::from(!flow.from.in_map),
-            ..ledger.label.control(flow.to.cookie)
+            ..flow.ledger.control(flow.to.cookie)
         };
         self.plane
             .maps

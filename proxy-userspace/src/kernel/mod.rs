@@ -4,6 +4,7 @@
 //! throttle, `detached.rs` a flow whose bytes userspace moves.
 
 mod backpressure;
+mod budget;
 mod connection;
 mod detached;
 mod flow;
