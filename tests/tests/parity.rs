@@ -513,14 +513,16 @@ pub fn client_addresses_stay_out_of_logs_unless_asked() {
 }
 
 pub fn check_names_the_line_and_the_preset_passes_it() {
-    let output = Command::new(relay_binary())
-        .args(["config", "--preset", "whatsapp"])
-        .output()
-        .expect("run config");
-    assert!(output.status.success());
-    let preset = TempFile::new("preset.toml", &String::from_utf8(output.stdout).unwrap());
-    let (status, _) = run_to_exit(&["check", "--config", preset.path()]);
-    assert!(status.success());
+    for name in ["whatsapp", "whatsapp-quiet"] {
+        let output = Command::new(relay_binary())
+            .args(["config", "--preset", name])
+            .output()
+            .expect("run config");
+        assert!(output.status.success(), "config --preset {name}");
+        let preset = TempFile::new("preset.toml", &String::from_utf8(output.stdout).unwrap());
+        let (status, stderr) = run_to_exit(&["check", "--config", preset.path()]);
+        assert!(status.success(), "preset {name}: {stderr}");
+    }
 
     let broken = TempFile::new(
         "broken.toml",

@@ -38,6 +38,8 @@ pub enum DataPlaneChoice {
 pub enum Preset {
     /// WhatsApp's proxy port table (80, 443, 5222, 8080, 8443, 8222, 587, 7777)
     Whatsapp,
+    /// Only 443 (chat in TLS) and 587 (media), for networks that block relays
+    WhatsappQuiet,
 }
 
 impl Preset {
@@ -45,6 +47,7 @@ impl Preset {
     pub fn text(self) -> &'static str {
         match self {
             Self::Whatsapp => include_str!("whatsapp.toml"),
+            Self::WhatsappQuiet => include_str!("whatsapp-quiet.toml"),
         }
     }
 }
@@ -164,6 +167,7 @@ impl Config {
 fn preset_name(preset: Preset) -> &'static str {
     match preset {
         Preset::Whatsapp => "whatsapp",
+        Preset::WhatsappQuiet => "whatsapp-quiet",
     }
 }
 
@@ -367,11 +371,10 @@ mod tests {
         .build(overrides)
     }
 
-    #[test]
-    fn whatsapp_preset_is_the_port_table() {
-        let config =
-            Config::load(&Source::Preset(Preset::Whatsapp), &Overrides::default()).unwrap();
-        let table: Vec<(u16, bool, bool, HeaderVersion, String)> = config
+    /// Each listener of `preset` as (port, accept_proxy, tls, send_proxy, first server).
+    fn port_table(preset: Preset) -> Vec<(u16, bool, bool, HeaderVersion, String)> {
+        let config = Config::load(&Source::Preset(preset), &Overrides::default()).unwrap();
+        config
             .listeners
             .iter()
             .map(|l| {
@@ -384,7 +387,11 @@ mod tests {
                     pool.servers[0].to_string(),
                 )
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn whatsapp_preset_is_the_port_table() {
         use HeaderVersion::*;
         let expected = [
             (80, false, false, V1, "g.whatsapp.net:80"),
@@ -397,11 +404,17 @@ mod tests {
             (7777, false, false, None, "whatsapp.net:443"),
         ]
         .map(|(p, a, t, h, s)| (p, a, t, h, s.to_owned()));
-        assert_eq!(table, expected);
-        let chat = config.pools.iter().find(|p| p.name == "chat").unwrap();
-        assert_eq!(chat.servers[1].to_string(), "g-fallback.whatsapp.net:5222");
-        assert_eq!(config.metrics, Some("127.0.0.1:8199".parse().unwrap()));
-        assert_eq!(config.tls, TlsSource::SelfSigned);
+        assert_eq!(port_table(Preset::Whatsapp), expected);
+    }
+
+    #[test]
+    fn quiet_preset_is_443_and_587_as_in_the_full_table() {
+        let full = port_table(Preset::Whatsapp);
+        let quiet: Vec<_> = full
+            .into_iter()
+            .filter(|(port, ..)| [443, 587].contains(port))
+            .collect();
+        assert_eq!(port_table(Preset::WhatsappQuiet), quiet);
     }
 
     #[test]
