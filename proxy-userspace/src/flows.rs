@@ -73,7 +73,7 @@ fn render(flows: &BTreeMap<u64, Flow>, now_ns: u64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<8} {:<22} {:>12} {:>12} {:>9}  {:<17} backlog bound",
+        "{:<8} {:<22} {:>12} {:>12} {:>9}  {:<17} backlog bound of budget",
         "listener", "client", "to upstream", "to client", "idle", "state"
     );
     let mut rows = 0;
@@ -90,11 +90,14 @@ fn render(flows: &BTreeMap<u64, Flow>, now_ns: u64) -> String {
             Some(f) if f.state.detached != 0 => "detached",
             Some(_) => "kernel",
         };
+        // The bound, and the budget it is checked against (0: the relay's global limit).
         let bound = |flow: Option<&Flow>| {
-            flow.map_or(0, |f| {
-                f.state
+            flow.map_or_else(String::new, |f| {
+                let bound = f
+                    .state
                     .redirected_bytes
-                    .saturating_sub(f.control.checkpoint_bytes)
+                    .saturating_sub(f.control.checkpoint_bytes);
+                format!("{bound} of {}", f.control.backlog_limit)
             })
         };
         let _ = writeln!(
@@ -143,6 +146,7 @@ mod tests {
                 peer_cookie,
                 listener_port,
                 checkpoint_bytes: redirected / 2,
+                backlog_limit: 1 << 20,
                 ..FlowControl::default()
             },
         }
@@ -177,8 +181,12 @@ mod tests {
                 "/",
                 "detached",
                 "50",
+                "of",
+                "1048576",
                 "/",
-                "1500"
+                "1500",
+                "of",
+                "1048576"
             ],
             "{table}"
         );
