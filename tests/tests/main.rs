@@ -75,6 +75,7 @@ cases!([kernel] =>
     transfer::kernel_falls_back_when_a_fin_came_first,
     transfer::detached_flows_come_back_into_the_kernel_in_order,
     resources::a_detached_flow_that_keeps_without_end_is_reset,
+    resources::budgets_follow_each_destination_drain_rate,
     resources::kernel_mode_moves_bytes_without_the_relay_process,
     lifecycle::bpf_program_is_listed_while_running_and_gone_after,
     lifecycle::bpftool_and_the_flows_view_show_a_live_connection,

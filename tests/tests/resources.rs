@@ -11,8 +11,8 @@ use std::{
 use sha2::{Digest as _, Sha256};
 
 use integration_tests::{
-    Behaviour, Plane, Received, Relay, Upstream, exchange, meminfo_kib, metric, payload, reset,
-    send_buffers_on_port, wait_until,
+    Behaviour, Plane, Received, Relay, Upstream, exchange, is_root, meminfo_kib, metric, payload,
+    reset, send_buffers_on_port, wait_until,
 };
 
 pub fn sequential_connections_leave_nothing_behind(plane: Plane) {
@@ -430,4 +430,78 @@ pub fn kernel_mode_moves_bytes_without_the_relay_process(plane: Plane) {
         "relay process used {:.1}% CPU while 1 GiB passed",
         share * 100.0
     );
+}
+
+/// The budget `ebpf-proxy flows` shows for the direction towards `client` (its row is found
+/// by the client's address, shown under --log-clients).
+fn budget_towards(client: &TcpStream) -> u64 {
+    let output = std::process::Command::new(integration_tests::relay_binary())
+        .arg("flows")
+        .output()
+        .expect("ebpf-proxy flows");
+    let table = String::from_utf8_lossy(&output.stdout);
+    let local = client.local_addr().expect("client address").to_string();
+    let row = table
+        .lines()
+        .find(|l| l.contains(&local))
+        .unwrap_or_else(|| panic!("no row for {local}:\n{table}"));
+    // "... kernel / kernel   B of BUDGET / B of BUDGET": the last is towards the client.
+    row.rsplit(" of ")
+        .next()
+        .and_then(|budget| budget.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no budget in {row:?}"))
+}
+
+/// Each direction's budget follows how fast its destination drains: one client reading as
+/// fast as it can and one reading 64 KiB/s, from the same pushing upstream, side by side.
+/// The fast one's grows to the global limit (16 MiB), the slow one's stays a small
+/// fraction of that.
+pub fn budgets_follow_each_destination_drain_rate(plane: Plane) {
+    if !is_root() && !integration_tests::bpf_required() {
+        eprintln!("SKIPPED: reading the kernel's maps needs root");
+        return;
+    }
+    let upstream = Upstream::start(Behaviour::Push(1 << 40));
+    let Some(relay) = Relay::start(plane, &upstream.relay_target(), &["--log-clients"]) else {
+        return;
+    };
+    let mut slow = TcpStream::connect(relay.addr).expect("connect");
+    let fast = TcpStream::connect(relay.addr).expect("connect");
+    let mut reader = fast.try_clone().expect("clone");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reading = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let (mut buf, mut read) = (vec![0u8; 1 << 20], 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                read += reader.read(&mut buf).expect("fast read") as u64;
+            }
+            read
+        })
+    };
+    let mut buf = vec![0u8; 8 << 10];
+    let started = Instant::now();
+    // A pacing workload, not a synchroniser: 64 KiB/s for two seconds.
+    while started.elapsed() < Duration::from_secs(2) {
+        slow.read_exact(&mut buf).expect("slow read");
+        thread::sleep(Duration::from_millis(125));
+    }
+    let (slow_budget, fast_budget) = (budget_towards(&slow), budget_towards(&fast));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let moved = reading.join().expect("fast reader");
+    eprintln!(
+        "{plane:?}: budget towards the slow client {slow_budget}, towards the fast one {fast_budget} (it read {} MiB)",
+        moved >> 20
+    );
+    assert_eq!(
+        fast_budget,
+        proxy_common::DEFAULT_BACKLOG_LIMIT,
+        "the fast client's direction never reached the global limit"
+    );
+    assert!(
+        slow_budget <= fast_budget / 4,
+        "the slow client's direction may hold {slow_budget} bytes"
+    );
+    reset(slow);
+    reset(fast);
 }
