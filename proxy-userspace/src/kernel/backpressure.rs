@@ -52,9 +52,13 @@ impl KernelConnection<'_> {
         let mut measured = self.peer_backlog(flow)?;
         // By its drain rate first, then its backlog: a fast destination's backlog swings by
         // megabytes while the redirect worker waits out a jiffy.
-        self.follow_drain_rate(flow, measured.acked)?;
+        let resized = self.follow_drain_rate(flow, measured.acked)?;
         if measured.backlog >= throttle_from(flow.ledger.budget()) {
+            // Cuts the sender's receive buffer, then restores it to the new budget.
             measured = self.throttle(flow).await?;
+        } else if resized {
+            restore_receive_buffer(&flow.from.stream, flow.ledger.budget())
+                .map_err(FlowError::Source)?;
         }
         flow.ledger.checks_done.store(requested, Ordering::Release);
         self.publish_checkpoint(flow, &measured)
@@ -88,18 +92,16 @@ impl KernelConnection<'_> {
         drained
     }
 
-    /// Sizes the flow's budget, with its sender's receive buffer, and its destination's
-    /// send buffer by what the destination drained since the last check.
-    fn follow_drain_rate(&self, flow: Flow<'_>, acked: u64) -> Result<(), FlowError> {
+    /// Sizes the flow's budget and its destination's send buffer by what the destination
+    /// drained since the last check. Returns whether the budget changed: the sender's
+    /// receive buffer is then the caller's to set.
+    fn follow_drain_rate(&self, flow: Flow<'_>, acked: u64) -> Result<bool, FlowError> {
         let drained = flow.ledger.checked.take(acked);
         self.fit_send_buffer(flow.to, drained)?;
         let budget = flow.ledger.budget();
         let resized = budget::resized_budget(budget, drained, self.plane.backlog_limit);
-        if resized != budget {
-            flow.ledger.budget.store(resized, Ordering::Release);
-            restore_receive_buffer(&flow.from.stream, resized).map_err(FlowError::Source)?;
-        }
-        Ok(())
+        flow.ledger.budget.store(resized, Ordering::Release);
+        Ok(resized != budget)
     }
 
     /// Sizes `to`'s send buffer by its drain rate, so that a fast destination bridges the
