@@ -44,6 +44,8 @@ pub struct ListenerMetrics {
     refused: [AtomicU64; Refusal::ALL.len()],
     pub bytes_to_upstream: AtomicU64,
     pub bytes_to_client: AtomicU64,
+    /// Connections reset because the relay held too much memory (memory.rs).
+    shed: AtomicU64,
 }
 
 impl ListenerMetrics {
@@ -60,6 +62,14 @@ impl ListenerMetrics {
 
     pub fn refused(&self, reason: Refusal) -> u64 {
         self.refused[reason as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn count_shed(&self) {
+        self.shed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn shed(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
     }
 
     pub fn add_bytes(&self, to_upstream: u64, to_client: u64) {

@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod flows;
 pub mod kernel;
 mod limits;
+pub mod memory;
 pub mod metrics;
 mod notice;
 pub mod proxy_protocol;

@@ -123,7 +123,7 @@ fn refill(entry: &mut Entry, now: Instant, per_second: u32) -> f64 {
 }
 
 /// The unit a limit applies to: the IPv4 address, or the IPv6 /64.
-fn client_key(ip: IpAddr) -> IpAddr {
+pub fn client_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let prefix = u128::from(v6) & !((1u128 << 64) - 1);
@@ -142,6 +142,7 @@ mod tests {
             max_connections: 100,
             per_ip_connections: connections,
             per_ip_rate: rate,
+            ..Limits::DEFAULT
         })
     }
 

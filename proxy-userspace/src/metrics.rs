@@ -23,6 +23,7 @@ use crate::{
     accept::AcceptErrors,
     counters::{ListenerMetrics, Refusal},
     dataplane::DataPlane,
+    memory::MemoryAccount,
     upstream::Pool,
 };
 
@@ -31,6 +32,7 @@ pub struct Metrics {
     pub listeners: RwLock<Vec<Arc<ListenerMetrics>>>,
     pub pools: RwLock<Vec<Arc<Pool>>>,
     pub plane: DataPlane,
+    pub memory: Arc<MemoryAccount>,
 }
 
 impl Metrics {
@@ -92,6 +94,26 @@ impl Metrics {
                 .into_iter()
                 .map(move |(d, v)| (format!("{},direction=\"{d}\"", listener(l)), v))
             }),
+        );
+        family(
+            "connections_shed_total",
+            "counter",
+            "Connections reset because the relay held more memory than its limit, by reason.",
+            &mut listeners
+                .iter()
+                .map(|l| (format!("{},reason=\"memory\"", listener(l)), l.shed())),
+        );
+        family(
+            "memory_held_bytes",
+            "gauge",
+            "What the relay holds for its connections, as last measured: socket queues, the kernel's redirect backlogs, userspace buffers.",
+            &mut std::iter::once((String::new(), self.memory.held())),
+        );
+        family(
+            "memory_limit_bytes",
+            "gauge",
+            "The memory limit for connections (--memory-limit).",
+            &mut std::iter::once((String::new(), self.memory.limit())),
         );
         family(
             "upstream_up",
@@ -343,6 +365,19 @@ fn summarize(body: &str) -> String {
             label(labels, "dataplane")
         );
     }
+    if let Some((_, _, limit)) = samples.iter().find(|(n, _, _)| *n == "memory_limit_bytes") {
+        let shed: u64 = samples
+            .iter()
+            .filter(|(n, _, _)| *n == "connections_shed_total")
+            .map(|(_, _, v)| v)
+            .sum();
+        let _ = writeln!(
+            out,
+            "memory held for connections: {} of a {} limit ({shed} connections shed)",
+            human_bytes(value("memory_held_bytes", "", None)),
+            human_bytes(*limit)
+        );
+    }
     let _ = writeln!(
         out,
         "{:<24} {:>6} {:>8} {:>14} {:>14}  refused",
@@ -411,6 +446,8 @@ fn human_bytes(n: u64) -> String {
 mod tests {
     use super::*;
 
+    use crate::config::MemoryLimit;
+
     #[test]
     fn status_reads_back_what_render_writes() {
         let web = Arc::new(ListenerMetrics::new("0.0.0.0:443".into()));
@@ -422,12 +459,17 @@ mod tests {
             listeners: RwLock::new(vec![web]),
             pools: RwLock::default(),
             plane: DataPlane::Copy,
+            memory: MemoryAccount::new(MemoryLimit::Bytes(256 << 20)),
         };
         let text = metrics.render();
         assert!(text.contains("ebpf_proxy_bytes_total{listener=\"0.0.0.0:443\",direction=\"client_to_upstream\"} 1000"), "{text}");
         assert!(text.contains("ebpf_proxy_connections_refused_total{listener=\"0.0.0.0:443\",reason=\"per_ip_rate\"} 1"));
         let summary = summarize(&text);
         assert!(summary.contains("data plane: copy"), "{summary}");
+        assert!(
+            summary.contains("memory held for connections: 0 B of a 256.0 MiB limit"),
+            "{summary}"
+        );
         let row = summary
             .lines()
             .find(|l| l.starts_with("0.0.0.0:443"))

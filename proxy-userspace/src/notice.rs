@@ -25,7 +25,12 @@ impl Notice {
     /// Counts one event; returns how many there were since the last notice when a notice
     /// is due now (at most once per [`NOTICE_EVERY`], however many tasks ask), else None.
     pub fn count(&self) -> Option<u64> {
-        self.unreported.fetch_add(1, Ordering::Relaxed);
+        self.count_by(1)
+    }
+
+    /// Counts `events` at once, as [`Notice::count`] counts one.
+    pub fn count_by(&self, events: u64) -> Option<u64> {
+        self.unreported.fetch_add(events, Ordering::Relaxed);
         let now = sys::monotonic_coarse_ns();
         let then = self.last_ns.load(Ordering::Relaxed);
         let due = (then == 0 || now.saturating_sub(then) >= NOTICE_EVERY.as_nanos() as u64)

@@ -98,6 +98,20 @@ pub fn receive_memory(fd: &impl AsRawFd) -> io::Result<ReceiveMemory> {
     })
 }
 
+/// What a socket holds as the kernel charges it, in true sizes: its receive queues and
+/// backlog, and its write queue.
+pub fn socket_memory(fd: &impl AsRawFd) -> io::Result<u64> {
+    let info: [u32; SK_MEMINFO_VARS] = getsockopt(fd, libc::SOL_SOCKET, libc::SO_MEMINFO)?;
+    Ok([
+        libc::SK_MEMINFO_RMEM_ALLOC,
+        libc::SK_MEMINFO_BACKLOG,
+        libc::SK_MEMINFO_WMEM_QUEUED,
+    ]
+    .into_iter()
+    .map(|at| u64::from(info[at as usize]))
+    .sum())
+}
+
 /// Fixes the send buffer (and turns off its autotuning), past net.core.wmem_max with
 /// CAP_NET_ADMIN.
 pub fn set_send_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {

@@ -155,6 +155,52 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     seconds_to_duration(value * scale).map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// The smallest memory limit accepted: below it the relay could not hold one fast flow.
+pub const MIN_MEMORY_LIMIT: u64 = 16 << 20;
+
+/// What the relay may hold for its connections: a size, or `auto` for the share of the
+/// machine's memory that `memory::default_limit` gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryLimit {
+    Auto,
+    Bytes(u64),
+}
+
+/// `auto`, or a size: `256MiB`, `1GiB`, `512M`, `2G`, `65536` (bytes). K, M and G are
+/// binary units, as in `ls -h` and systemd.
+pub fn parse_memory_limit(s: &str) -> Result<MemoryLimit, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(MemoryLimit::Auto);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use KiB, MiB, GiB, or auto)"
+            ));
+        }
+    };
+    let bytes = number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 256MiB, 1GiB, or auto)"))?;
+    if bytes < MIN_MEMORY_LIMIT {
+        return Err(format!(
+            "{s:?} is below the smallest memory limit, {} MiB",
+            MIN_MEMORY_LIMIT >> 20
+        ));
+    }
+    Ok(MemoryLimit::Bytes(bytes))
+}
+
 pub fn seconds_to_duration(secs: f64) -> Result<Duration, String> {
     if !(secs > 0.0 && secs <= MAX_DURATION.as_secs_f64()) {
         return Err("must be more than 0 and at most 24h".into());
@@ -165,6 +211,28 @@ pub fn seconds_to_duration(secs: f64) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_limits_are_binary_sizes_or_auto() {
+        assert_eq!(parse_memory_limit("auto"), Ok(MemoryLimit::Auto));
+        assert_eq!(
+            parse_memory_limit("256MiB"),
+            Ok(MemoryLimit::Bytes(256 << 20))
+        );
+        assert_eq!(parse_memory_limit("1G"), Ok(MemoryLimit::Bytes(1 << 30)));
+        assert_eq!(
+            parse_memory_limit("16777216"),
+            Ok(MemoryLimit::Bytes(16 << 20))
+        );
+        assert!(parse_memory_limit("1MiB").unwrap_err().contains("smallest"));
+        assert!(
+            parse_memory_limit("1.5GiB")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(parse_memory_limit("lots").is_err());
+        assert!(parse_memory_limit("99999999999G").is_err());
+    }
 
     #[test]
     fn parses_forward_rules() {

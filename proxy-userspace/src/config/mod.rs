@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-pub use address::{Forward, ForwardError, Pin, Upstream, parse_duration};
+pub use address::{Forward, ForwardError, MemoryLimit, Pin, Upstream, parse_duration};
 pub use file::{Balance, HeaderVersion};
 pub use settings::{
     Limits, LimitsSection, MAX_CONNECTIONS, MetricsSection, RelaySection, Settings, Timeouts,

@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use super::{
     DataPlaneChoice,
-    address::{parse_duration, seconds_to_duration},
+    address::{MemoryLimit, parse_duration, parse_memory_limit, seconds_to_duration},
 };
 
 /// The sockhash holds two sockets per connection, and BPF map sizes are u32.
@@ -108,6 +108,14 @@ section! {
         /// limit.
         #[arg(long, value_name = "N")]
         pub per_ip_rate: u32 = 0,
+        /// Memory the relay may hold for its connections (socket buffers, the kernel's
+        /// redirect queues, its own buffers), e.g. 512MiB; auto, the default, is a quarter
+        /// of the machine's memory or of the cgroup's limit. Near it, new connections stay
+        /// out of the kernel and the biggest holders are throttled; past it, connections
+        /// that hold much and drain slowly are reset.
+        #[arg(long = "memory-limit", value_name = "SIZE", value_parser = parse_memory_limit)]
+        #[serde(default, deserialize_with = "memory_limit")]
+        pub memory: MemoryLimit = MemoryLimit::Auto,
     }
 }
 
@@ -214,6 +222,24 @@ fn connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error>
             "{n} connections: must be 1-{MAX_CONNECTIONS}"
         )))
     }
+}
+
+/// A memory limit as text (`512MiB`, `auto`) or a number of bytes.
+fn memory_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<MemoryLimit>, D::Error> {
+    struct Visitor;
+    impl de::Visitor<'_> for Visitor {
+        type Value = MemoryLimit;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a size such as \"512MiB\" or \"1GiB\", \"auto\", or a number of bytes")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<MemoryLimit, E> {
+            parse_memory_limit(v).map_err(E::custom)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<MemoryLimit, E> {
+            parse_memory_limit(&v.to_string()).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(Visitor).map(Some)
 }
 
 /// A duration as text (`10s`, `250ms`, `5m`) or a number of seconds.

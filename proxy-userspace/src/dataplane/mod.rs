@@ -19,6 +19,9 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 pub use stream::relay_streams;
+
+/// What a userspace plane holds per direction: the copy buffer, or a pipe's capacity.
+const USERSPACE_BUFFER: usize = copy::COPY_BUFFER;
 pub use warm_up::{WARM_UP, WARM_UP_BYTES};
 
 use crate::{
@@ -63,11 +66,23 @@ impl DataPlane {
         match self {
             Self::Copy => relay_userspace(client, upstream, false, supervision).await,
             Self::Splice => relay_userspace(client, upstream, true, supervision).await,
+            // Near the memory limit a connection's bytes wait in its own sockets, where TCP's
+            // memory accounting reaches them, not in the kernel's redirect queues.
+            Self::Kernel { .. } if !supervision.holding.kernel_welcome() => {
+                relay_userspace(client, upstream, true, supervision).await
+            }
             Self::Kernel { plane, warm_up } => {
                 let mut before = Transfer::default();
                 if *warm_up {
                     match warm_up::relay_until_promoted(&client, &upstream, supervision).await {
                         warm_up::WarmUp::Done(result) => return result,
+                        warm_up::WarmUp::Promote(moved)
+                            if !supervision.holding.kernel_welcome() =>
+                        {
+                            return relay_userspace(client, upstream, true, supervision)
+                                .await
+                                .map(|transfer| transfer.after(moved));
+                        }
                         warm_up::WarmUp::Promote(moved) => {
                             plane.count_promotion();
                             before = moved;
@@ -124,6 +139,8 @@ async fn relay_userspace(
     let (up, down) = (&progress.client_to_upstream, &progress.upstream_to_client);
     let mut watchdog = Watchdog::new(supervision);
     let sockets = (client.as_raw_fd(), upstream.as_raw_fd());
+    // A pipe's pages or a copy buffer each way, at most.
+    supervision.holding.set_buffers(2 * USERSPACE_BUFFER as u64);
     if zero_copy {
         let flows = Flows {
             to_upstream: splice::forward(&client, &upstream, up),

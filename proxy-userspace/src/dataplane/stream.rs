@@ -31,6 +31,8 @@ where
     U: AsyncRead + AsyncWrite + Send,
 {
     let progress = Progress::default();
+    // A plaintext buffer each way, and as much again for the TLS records around them.
+    supervision.holding.set_buffers(4 * STREAM_BUFFER as u64);
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
     let flows = Flows {

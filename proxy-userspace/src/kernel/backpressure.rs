@@ -13,7 +13,7 @@ use proxy_common::{release_at, throttle_from};
 
 use super::{
     KernelDataPlane,
-    budget::{self, BUDGET_START, Drained, receive_buffer},
+    budget::{self, BUDGET_MIN, BUDGET_START, Drained, SEND_BUFFER_MIN, receive_buffer},
     connection::KernelConnection,
     flow::{Flow, Socket},
 };
@@ -97,11 +97,29 @@ impl KernelConnection<'_> {
     /// receive buffer is then the caller's to set.
     fn follow_drain_rate(&self, flow: Flow<'_>, acked: u64) -> Result<bool, FlowError> {
         let drained = flow.ledger.checked.take(acked);
+        if self.holding.throttled() {
+            return self.hold_least(flow);
+        }
         self.fit_send_buffer(flow.to, drained)?;
         let budget = flow.ledger.budget();
         let resized = budget::resized_budget(budget, drained, self.plane.backlog_limit);
         flow.ledger.budget.store(resized, Ordering::Release);
         Ok(resized != budget)
+    }
+
+    /// Shrinks the flow's budget and its destination's send buffer to the least any flow
+    /// keeps, while the memory account asks the connection to throttle. Returns whether
+    /// the budget changed, as `follow_drain_rate` does.
+    pub(super) fn hold_least(&self, flow: Flow<'_>) -> Result<bool, FlowError> {
+        if flow.to.send_buffer.load(Ordering::Acquire) as libc::c_int > SEND_BUFFER_MIN {
+            sys::set_send_buffer(&flow.to.stream, SEND_BUFFER_MIN)
+                .map_err(FlowError::Destination)?;
+            flow.to
+                .send_buffer
+                .store(SEND_BUFFER_MIN as u32, Ordering::Release);
+        }
+        let budget = flow.ledger.budget.swap(BUDGET_MIN, Ordering::AcqRel);
+        Ok(budget != BUDGET_MIN)
     }
 
     /// Sizes `to`'s send buffer by its drain rate, so that a fast destination bridges the

@@ -17,7 +17,7 @@ use crate::sys;
 /// A flow's budget before its destination's drain rate is known.
 pub(super) const BUDGET_START: u64 = 1 << 20;
 /// The smallest budget: what a destination draining almost nothing still gets.
-const BUDGET_MIN: u64 = 256 << 10;
+pub(super) const BUDGET_MIN: u64 = 256 << 10;
 /// A budget holds what the destination drains in this long: many jiffies of the redirect
 /// worker's retry delay at the destination's own rate.
 const BUDGET_SPAN: Duration = Duration::from_millis(128);
@@ -36,7 +36,7 @@ const SHRINK_AFTER: Duration = Duration::from_millis(16);
 /// unknown speed may hold unsent. The first drain-rate measurement grows it for a fast one.
 pub(super) const SEND_BUFFER_START: libc::c_int = 256 << 10;
 /// The least SO_SNDBUF a slow destination keeps.
-const SEND_BUFFER_MIN: libc::c_int = 128 << 10;
+pub(super) const SEND_BUFFER_MIN: libc::c_int = 128 << 10;
 /// The most SO_SNDBUF grows to, for a destination that drains fast enough to need it.
 const SEND_BUFFER_MAX: libc::c_int = 32 << 20;
 /// SO_SNDBUF is set to what the destination drains in this long, so the kernel's buffer

@@ -13,7 +13,10 @@ use std::{
     io,
     net::TcpStream,
     os::fd::{AsFd as _, AsRawFd},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -27,6 +30,7 @@ use super::{
     flow::{Flow, FlowLabel, FlowLedger, Socket},
 };
 use crate::{
+    memory::Holding,
     sys,
     transfer::{
         ConnectionError, Direction, Flows, Handover, Supervision, Transfer, Watchdog, drive_both,
@@ -66,6 +70,8 @@ pub enum KernelRelayError {
 /// A connection whose sockets are (being) put into the maps; Drop takes every trace out.
 pub(super) struct KernelConnection<'a> {
     pub plane: &'a KernelDataPlane,
+    /// The connection's entry in the memory account: whether it is asked to throttle.
+    pub holding: Arc<Holding>,
     client: Socket,
     upstream: Socket,
     to_upstream: FlowLedger,
@@ -95,7 +101,7 @@ impl KernelDataPlane {
         handover: Handover,
     ) -> Result<Result<Transfer, ConnectionError>, Declined> {
         let connection = self
-            .join_maps(client, upstream, handover, label(supervision))
+            .join_maps(client, upstream, handover, label(supervision), &supervision.holding)
             .inspect_err(|declined| {
                 let total = self.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
                 // A FIN that beat the setup is routine; a map that refuses entries is news,
@@ -110,6 +116,7 @@ impl KernelDataPlane {
                     );
                 }
             })?;
+        supervision.holding.set_in_kernel(true);
         Ok(connection.run(supervision).await)
     }
 
@@ -119,6 +126,7 @@ impl KernelDataPlane {
         upstream: TcpStream,
         handover: Handover,
         label: FlowLabel,
+        holding: &Arc<Holding>,
     ) -> Result<KernelConnection<'_>, Declined> {
         let prepared = prepare(&client, handover)
             .and_then(|client_prepared| Ok((client_prepared, prepare(&upstream, handover)?)));
@@ -155,6 +163,7 @@ impl KernelDataPlane {
         };
         let mut connection = KernelConnection {
             plane: self,
+            holding: Arc::clone(holding),
             client: socket(client, client_prepared.cookie, client_signals),
             upstream: socket(upstream, upstream_prepared.cookie, upstream_signals),
             to_upstream: FlowLedger::new(

@@ -174,6 +174,13 @@ impl KernelConnection<'_> {
                     }
                 }
             }
+            // Asked to throttle by the memory account: the least budget from now on, which
+            // the program checks the backlog bound against.
+            if self.holding.throttled() && self.hold_least(flow)? {
+                super::backpressure::restore_receive_buffer(&from.stream, flow.ledger.budget())
+                    .map_err(FlowError::Source)?;
+                self.publish_control(flow)?;
+            }
             if state.checks_requested != flow.ledger.checks_done.load(Ordering::Acquire) {
                 self.check_backlog(flow, state.checks_requested).await?;
             }

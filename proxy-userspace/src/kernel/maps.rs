@@ -44,6 +44,17 @@ impl FlowMaps {
         self.flows.get(&cookie, 0).ok()
     }
 
+    /// How many bytes redirected from `cookie`'s socket may still wait in the kernel's
+    /// redirect queue: the program's bound (see FlowControl), 0 without a record.
+    pub fn backlog_bound(&self, cookie: u64) -> u64 {
+        let (Some(state), Ok(control)) = (self.state(cookie), self.controls.get(&cookie, 0)) else {
+            return 0;
+        };
+        state
+            .redirected_bytes
+            .saturating_sub(control.checkpoint_bytes)
+    }
+
     /// Creates both flows' records of a connection: its state and control per socket.
     pub fn install(
         &self,

@@ -256,6 +256,12 @@ impl KernelDataPlane {
     }
 }
 
+impl crate::memory::Backlogs for KernelDataPlane {
+    fn backlog_bound(&self, source_cookie: u64) -> u64 {
+        self.maps.backlog_bound(source_cookie)
+    }
+}
+
 /// Names the missing capabilities up front, rather than leave the operator one EPERM from
 /// whichever call fails first. CAP_SYS_ADMIN covers CAP_BPF.
 fn check_capabilities() -> Result<(), KernelLoadError> {

@@ -27,6 +27,7 @@ use crate::{
     counters::{ListenerMetrics, Refusal},
     dataplane::{DataPlane, relay_streams},
     limits::ClientLimits,
+    memory::{Holding, MemoryAccount},
     proxy_protocol::{self, Endpoints},
     sys,
     transfer::{ConnectionError, Handover, Supervision, Transfer},
@@ -46,6 +47,7 @@ pub struct Shared {
     pub timeouts: Timeouts,
     pub tls: Option<TlsAcceptor>,
     pub client_limits: Arc<ClientLimits>,
+    pub memory: Arc<MemoryAccount>,
     pub log_clients: bool,
     pub stop: watch::Receiver<bool>,
 }
@@ -104,7 +106,9 @@ pub async fn accept_loop(
                         continue;
                     }
                 };
+                let registered = shared.memory.register(peer.ip(), &listener.metrics);
                 let connection = Connection {
+                    holding: Arc::clone(&registered.holding),
                     listener: Arc::clone(&listener),
                     shared: Arc::clone(&shared),
                     peer,
@@ -113,7 +117,7 @@ pub async fn accept_loop(
                 let gauges = OpenGauges::count(&open, &listener.metrics);
                 tokio::spawn(async move {
                     connection.serve(client).await;
-                    drop((gauges, client_slot, permit, listener_permit));
+                    drop((registered, gauges, client_slot, permit, listener_permit));
                 });
             }
             Err(e) => errors.failed(&e).await,
@@ -144,6 +148,8 @@ struct Connection {
     peer: SocketAddr,
     /// The port the client connected to.
     listener_port: u16,
+    /// Its entry in the memory account.
+    holding: Arc<Holding>,
 }
 
 impl Connection {
@@ -192,6 +198,7 @@ impl Connection {
         let Some(upstream) = self.open_upstream(client.get_ref().0, endpoints).await else {
             return;
         };
+        self.holding.watch(client.get_ref().0, &upstream);
         let sockets = (client.get_ref().0.as_raw_fd(), upstream.as_raw_fd());
         log_end(relay_streams(client, upstream, sockets, &self.supervision()).await);
     }
@@ -200,6 +207,7 @@ impl Connection {
         let Some(upstream) = self.open_upstream(&client, endpoints).await else {
             return;
         };
+        self.holding.watch(&client, &upstream);
         let supervision = self.supervision();
         let mut plane = &self.shared.plane;
         if self.listener.config.accept_proxy {
@@ -232,6 +240,7 @@ impl Connection {
             metrics: Arc::clone(&self.listener.metrics),
             listener_port: self.listener_port,
             client: self.shared.log_clients.then_some(self.peer),
+            holding: Arc::clone(&self.holding),
         }
     }
 

@@ -28,6 +28,7 @@ use crate::{
     dataplane::DataPlane,
     kernel::{KernelDataPlane, KernelLoadError},
     limits::ClientLimits,
+    memory::{Backlogs, MemoryAccount},
     metrics::{self, Metrics},
     sys,
     tls::{self, TlsError},
@@ -171,6 +172,7 @@ struct Relay {
     pins: Arc<Pins>,
     shared: Current<Shared>,
     client_limits: Arc<ClientLimits>,
+    memory: Arc<MemoryAccount>,
     running: HashMap<ListenKey, Running>,
     pools: Vec<Arc<Pool>>,
     pool_tasks: JoinSet<()>,
@@ -193,11 +195,13 @@ impl Relay {
         let pools = resolve_pools(&config, &pins).await;
         let (stop, stop_rx) = watch::channel(false);
         let client_limits = ClientLimits::new(&config.limits);
+        let memory = MemoryAccount::new(config.limits.memory);
         let shared = Arc::new(RwLock::new(Arc::new(Shared {
             plane: plane.clone(),
             timeouts: config.timeouts,
             tls: tls_acceptor(&config)?,
             client_limits: Arc::clone(&client_limits),
+            memory: Arc::clone(&memory),
             log_clients: config.log_clients,
             stop: stop_rx,
         })));
@@ -207,6 +211,7 @@ impl Relay {
             listeners: RwLock::default(),
             pools: RwLock::new(pools.clone()),
             plane: plane.clone(),
+            memory: Arc::clone(&memory),
         });
         let mut relay = Self {
             limit: Arc::new(Semaphore::new(permits as usize)),
@@ -218,6 +223,7 @@ impl Relay {
             pins,
             shared,
             client_limits,
+            memory,
             running: HashMap::new(),
             pools: Vec::new(),
             pool_tasks: JoinSet::new(),
@@ -227,6 +233,13 @@ impl Relay {
             stop,
         };
         relay.use_pools(pools);
+        let backlogs: Option<Arc<dyn Backlogs>> = match &relay.plane {
+            DataPlane::Kernel { plane, .. } => Some(Arc::clone(plane) as Arc<dyn Backlogs>),
+            _ => None,
+        };
+        relay
+            .background
+            .spawn(Arc::clone(&relay.memory).run(backlogs));
         relay.check_map_size();
         relay.check_fd_budget();
         let listeners = relay.config.listeners.clone();
@@ -356,12 +369,14 @@ impl Relay {
         }
         self.resize_limit(config.limits.max_connections);
         self.client_limits.update(&config.limits);
+        self.memory.set_limit(config.limits.memory);
         let stop = current(&self.shared).stop.clone();
         *self.shared.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Shared {
             plane: self.plane.clone(),
             timeouts: config.timeouts,
             tls,
             client_limits: Arc::clone(&self.client_limits),
+            memory: Arc::clone(&self.memory),
             log_clients: config.log_clients,
             stop,
         });

@@ -6,7 +6,7 @@ use std::{future::Future, pin::Pin, time::Duration};
 
 use tokio::{sync::watch, time::Sleep};
 
-use super::{ConnectionError, Direction, FlowError, Transfer, Watchdog};
+use super::{ConnectionError, Direction, Expiry, FlowError, Transfer, Watchdog};
 
 /// A connection's two flows, each a future that runs its direction to its end (or pause).
 pub struct Flows<U, C> {
@@ -22,7 +22,8 @@ pub struct Pause<'a> {
 }
 
 /// Drives both flows until each has returned, and returns what each returned. A flow's
-/// failure, or a timeout found at one of the watchdog's ticks, ends the connection at once.
+/// failure, a timeout found at one of the watchdog's ticks, or the memory account's request
+/// to shed it ends the connection at once.
 /// `measure` gives the watchdog the bytes moved so far and, where the data plane measures
 /// it itself, how long nothing was delivered (see [`Watchdog::check`]). `reached_eof` says
 /// whether a flow's result means its source is done, which starts the half-closed timeout.
@@ -59,6 +60,9 @@ where
             _ = ticker.tick() => {
                 let (moved, idle_for) = measure();
                 watchdog.check(moved, idle_for).map_err(ConnectionError::Expired)?;
+            }
+            () = watchdog.shed_requested() => {
+                return Err(ConnectionError::Expired(Expiry::Shed));
             }
             () = until(&mut pause), if pause_armed => {
                 if let Some(pause) = pause.take() {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::Transfer;
-use crate::counters::ListenerMetrics;
+use crate::{counters::ListenerMetrics, memory::Holding};
 
 /// What a connection may do and where it reports.
 #[derive(Clone)]
@@ -22,6 +22,8 @@ pub struct Supervision {
     /// (`--log-clients`): what kernel mode records for `ebpf-proxy flows`.
     pub listener_port: u16,
     pub client: Option<SocketAddr>,
+    /// The connection's entry in the memory account, which may throttle or shed it.
+    pub holding: Arc<Holding>,
 }
 
 /// Why a connection was closed by the relay rather than by its peers.
@@ -31,6 +33,8 @@ pub enum Expiry {
     Idle,
     #[error("half-closed timeout")]
     HalfClosed,
+    #[error("reset: the relay held more memory than its limit, and this connection much of it")]
+    Shed,
 }
 
 /// Checks one connection's progress at each tick of `period()`.
@@ -65,6 +69,11 @@ impl<'a> Watchdog<'a> {
         let mut ticker = tokio::time::interval(self.period());
         ticker.reset();
         ticker
+    }
+
+    /// Returns once the memory account asks for the connection to be reset.
+    pub async fn shed_requested(&self) {
+        self.supervision.holding.shed_requested().await;
     }
 
     /// Marks that one direction has finished.
@@ -119,6 +128,7 @@ mod tests {
             metrics: Arc::new(ListenerMetrics::new("test".into())),
             listener_port: 0,
             client: None,
+            holding: Holding::unaccounted(),
         }
     }
 
