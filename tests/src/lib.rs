@@ -63,6 +63,36 @@ pub fn send_buffers_on_port(port: u16) -> Vec<u64> {
         .collect()
 }
 
+/// What the sockets with local port `local` or remote port `remote` hold, as the kernel
+/// charges them (`ss` skmem: receive queue `r`, write queue `w`, backlog `bl`), in bytes:
+/// on a relay's listening port and its upstream's port, the relay's own sockets.
+pub fn socket_memory_on_ports(local: u16, remote: u16) -> u64 {
+    let output = std::process::Command::new("ss")
+        .args([
+            "-tmnHa",
+            "sport",
+            "=",
+            &format!(":{local}"),
+            "or",
+            "dport",
+            "=",
+            &format!(":{remote}"),
+        ])
+        .output()
+        .expect("running ss (iproute2)");
+    String::from_utf8_lossy(&output.stdout)
+        .split("skmem:(")
+        .skip(1)
+        .filter_map(|rest| rest.split(')').next())
+        .flat_map(|fields| fields.split(','))
+        .filter_map(|field| {
+            let digits_at = field.find(|c: char| c.is_ascii_digit())?;
+            let (name, value) = field.split_at(digits_at);
+            matches!(name, "r" | "w" | "bl").then(|| value.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

@@ -8,6 +8,7 @@
 mod cli;
 mod flood;
 mod lifecycle;
+mod memory;
 mod parity;
 mod reliability;
 mod resources;
@@ -63,6 +64,8 @@ cases!([kernel, auto, splice, copy] =>
     resources::sequential_connections_leave_nothing_behind,
     resources::slow_reader_memory_is_bounded,
     resources::a_client_that_never_reads_its_echo_is_held_within_bounds,
+    memory::a_memory_limit_holds_never_readers_and_serves_others,
+    memory::shedding_resets_the_biggest_holders_only,
     parity::metrics_count_the_bytes_sent,
     parity::idle_timeout_counts_traffic_both_ways,
     parity::half_closed_timeout_ends_a_one_sided_connection,

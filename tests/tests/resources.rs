@@ -336,15 +336,15 @@ pub fn a_detached_flow_that_keeps_without_end_is_reset(plane: Plane) {
 }
 
 /// What a client that sends without reading got out, and the error that ended it.
-struct Sent {
-    bytes: usize,
-    hasher: Sha256,
-    ended: io::Error,
+pub struct Sent {
+    pub bytes: usize,
+    pub hasher: Sha256,
+    pub ended: io::Error,
 }
 
 /// Sends [`CHUNK`]s (chunk `i` is `chunk(i)`) until a send cannot start for 2 s (held back
 /// by both directions), fails, or `cap` bytes went; `each_chunk` runs after every chunk.
-fn send_until_held(client: &mut TcpStream, cap: usize, mut each_chunk: impl FnMut()) -> Sent {
+pub fn send_until_held(client: &mut TcpStream, cap: usize, mut each_chunk: impl FnMut()) -> Sent {
     client
         .set_write_timeout(Some(Duration::from_secs(2)))
         .expect("write timeout");
@@ -383,7 +383,7 @@ fn chunk(index: usize) -> Vec<u8> {
 }
 
 /// Median of MemAvailable over one second, in KiB: it moves with the whole machine.
-fn mem_available_median() -> u64 {
+pub fn mem_available_median() -> u64 {
     let mut samples = Vec::new();
     for _ in 0..8 {
         samples.push(meminfo_kib("MemAvailable"));
