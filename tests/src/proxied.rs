@@ -43,6 +43,12 @@ pub struct HeaderEcho {
 impl HeaderEcho {
     pub fn start(bind: &str, expect: Expect) -> Self {
         let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
+        // std listens with a backlog of 128: a relay opening a thousand upstream connections
+        // at once overflows it, and a connection whose last ACK was dropped is reset later.
+        // SAFETY: listen(2) again on a socket we own only changes its backlog.
+        if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) } != 0 {
+            panic!("listen on {bind}: {}", io::Error::last_os_error());
+        }
         let addr = listener.local_addr().expect("upstream address");
         let (tx, headers) = mpsc::channel();
         let accepted = Arc::new(AtomicUsize::new(0));

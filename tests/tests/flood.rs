@@ -164,8 +164,8 @@ pub fn one_address_is_never_refused() {
     raise_descriptor_limit(4 * FROM_ONE_ADDRESS as u64 + 256);
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
     let forward = format!("127.0.0.1:0={}", echo.addr);
-    // The test's echo accepts with std's backlog of 128: under load the relay's connects
-    // may need a SYN retransmission or two, which is not a refusal.
+    // Under load the relay's connects to the test's echo may need a SYN retransmission or
+    // two, which is not a refusal.
     let patient = ["--connect-timeout", "30s"];
     let relay = Relay::spawn(
         &[
