@@ -78,11 +78,15 @@ enum Task {
     /// The bench's echo server.
     #[command(hide = true)]
     BenchEcho { listen: String },
+    /// The bench's server that pushes to every client as fast as it reads.
+    #[command(hide = true)]
+    BenchPush { listen: String },
     /// The bench's latency, connection-rate and idle-connection clients.
     #[command(hide = true, subcommand)]
     BenchProbe(bench::Probe),
-    /// Build, then measure throughput, CPU, latency, connection rate and idle memory
-    /// directly, through each data plane and through HAProxy, socat and tokio, side by side.
+    /// Build, then measure throughput, CPU, latency, connection rate, idle memory and the
+    /// memory held for slow clients directly, through each data plane and through HAProxy,
+    /// socat and tokio, side by side.
     Bench {
         /// One short run of everything (a smoke check of the harness, not figures to quote).
         #[arg(long)]
@@ -101,6 +105,10 @@ enum Task {
         /// namespaces-spread, namespaces-one-cpu. Default: all.
         #[arg(long, value_delimiter = ',')]
         scenes: Vec<String>,
+        /// Only these workloads (comma-separated): throughput, latency, rate, idle,
+        /// slow-clients. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<String>,
         /// In namespaces with the endpoints apart, receive the relay's packets on a CPU
         /// picked by flow hash (RPS on its veth ends), as a server's multi-queue NIC does,
         /// instead of on the CPU that sent them.
@@ -119,6 +127,7 @@ fn main() -> Result<()> {
         Task::Fuzz { seconds } => fuzz::fuzz(&root, seconds),
         Task::TokioRelay { listen, upstream } => bench::tokio_relay(&listen, &upstream),
         Task::BenchEcho { listen } => bench::echo_server(&listen),
+        Task::BenchPush { listen } => bench::push_server(&listen),
         Task::BenchProbe(probe) => bench::probe(probe),
         Task::Soak {
             connections,
@@ -180,6 +189,7 @@ fn main() -> Result<()> {
             seconds,
             targets,
             scenes,
+            workloads,
             rps,
             verdict,
         } => {
@@ -190,7 +200,16 @@ fn main() -> Result<()> {
             // Checked before the build, so a misspelt name fails at once.
             let plan = bench::Plan {
                 steer_receive: rps,
-                ..bench::Plan::new(quick, runs, seconds, &bench::Selection { targets, scenes })?
+                ..bench::Plan::new(
+                    quick,
+                    runs,
+                    seconds,
+                    &bench::Selection {
+                        targets,
+                        scenes,
+                        workloads,
+                    },
+                )?
             };
             let binary = build(&root)?;
             // The tokio baseline runs optimised, like everything else it is compared with.

@@ -7,7 +7,8 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{
     IdleMemory, IdleRow, LatencyRow, RateRow, Results, ThroughputRow, Transfer,
-    scene::{Scene, Topology},
+    scene::{Placement, Scene, Topology},
+    slow::{Run, SlowKind, SlowRow},
     targets::Target,
     verdict,
 };
@@ -96,10 +97,7 @@ fn read_csvs(dir: &Path) -> Result<(Vec<Scene>, Results)> {
         }
     }
     for (fields, line) in csv_rows(dir, "idle.csv", 6)? {
-        let topology = Topology::ALL
-            .into_iter()
-            .find(|t| t.name() == fields[0])
-            .with_context(|| format!("no topology {:?}: {line}", fields[0]))?;
+        let topology = topology_of(&fields[0]).with_context(|| line.clone())?;
         let relay_rss_mib = match (fields[3].as_str(), fields[4].as_str()) {
             ("", "") => None,
             (rss, before) => Some((
@@ -116,6 +114,43 @@ fn read_csvs(dir: &Path) -> Result<(Vec<Scene>, Results)> {
                 slab_growth_mib: fields[5].parse().with_context(|| line.clone())?,
             }),
         });
+    }
+    // Runs before the slow-clients workload wrote no slow.csv.
+    let slow_rows = if dir.join("slow.csv").exists() {
+        csv_rows(dir, "slow.csv", 7)?
+    } else {
+        Vec::new()
+    };
+    for (fields, line) in slow_rows {
+        let topology = topology_of(&fields[0]).with_context(|| line.clone())?;
+        let target = target_of(&fields[1]).with_context(|| line.clone())?;
+        let kind = SlowKind::ALL
+            .into_iter()
+            .find(|k| k.key() == fields[2])
+            .with_context(|| format!("no workload {:?}: {line}", fields[2]))?;
+        let clients = fields[3].parse().with_context(|| line.clone())?;
+        let fall = Run {
+            fall_mib: fields[5].parse().with_context(|| line.clone())?,
+            resets: fields[6].parse().with_context(|| line.clone())?,
+        };
+        seen.push(Scene {
+            topology,
+            placement: Placement::Spread,
+        });
+        match results
+            .slow
+            .iter_mut()
+            .find(|r| r.topology == topology && r.target == target && r.kind == kind)
+        {
+            Some(SlowRow { runs: Ok(runs), .. }) => runs.push(fall),
+            _ => results.slow.push(SlowRow {
+                topology,
+                target,
+                kind,
+                clients,
+                runs: Ok(vec![fall]),
+            }),
+        }
     }
     let scenes = Scene::all()
         .into_iter()
@@ -147,6 +182,13 @@ fn scene_of(topology: &str, placement: &str) -> Result<Scene> {
         .into_iter()
         .find(|s| s.topology.name() == topology && s.placement.short_name() == placement)
         .with_context(|| format!("no scene {topology} {placement}"))
+}
+
+fn topology_of(name: &str) -> Result<Topology> {
+    Topology::ALL
+        .into_iter()
+        .find(|t| t.name() == name)
+        .with_context(|| format!("no topology {name:?}"))
 }
 
 fn target_of(name: &str) -> Result<Target> {
@@ -225,5 +267,22 @@ pub(super) fn write_csvs(dir: &Path, results: &Results) -> Result<()> {
         }
     }
     fs::write(dir.join("idle.csv"), csv)?;
+    let mut csv =
+        String::from("topology,target,workload,clients,run,mem_available_fall_mib,resets\n");
+    for r in &results.slow {
+        for (run, fall) in r.runs.iter().flatten().enumerate() {
+            writeln!(
+                csv,
+                "{},{},{},{},{run},{:.1},{}",
+                r.topology.name(),
+                r.target.name(),
+                r.kind.key(),
+                r.clients,
+                fall.fall_mib,
+                fall.resets
+            )?;
+        }
+    }
+    fs::write(dir.join("slow.csv"), csv)?;
     Ok(())
 }

@@ -3,14 +3,16 @@
 //! copy_bidirectional relay), side by side in one run: over loopback and across three network
 //! namespaces, with the endpoints on different CPUs and all on one CPU. Workloads: iperf3
 //! throughput (1 and 8 streams, each direction) with CPU per GB, request/response latency,
-//! connection rate, and the memory of 10,000 idle connections. Writes a Markdown report, one
-//! CSV per workload and a PNG chart to target/bench.
+//! connection rate, the memory of 10,000 idle connections, and the memory held for slow
+//! clients (slow readers and never-readers). Writes a Markdown report, one CSV per workload
+//! and a PNG chart to target/bench.
 
 mod chart;
 mod csv;
 mod probe;
 mod report;
 mod scene;
+mod slow;
 mod targets;
 mod verdict;
 
@@ -19,14 +21,15 @@ use std::{
     path::Path,
     process::Stdio,
     thread,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 
 pub use csv::verdict_of_csvs;
-pub use probe::{Probe, echo_server, probe};
+pub use probe::{Probe, echo_server, probe, push_server};
 use scene::{Placement, Role, Scene, Topology};
+use slow::SlowRow;
 pub use targets::tokio_relay;
 use targets::{ECHO_PORT, IPERF_PORT, Running, Servers, Target};
 
@@ -38,6 +41,12 @@ pub struct Plan {
     pub rate_seconds: f64,
     pub rate_workers: usize,
     pub idle_connections: usize,
+    /// Clients per slow-clients run, and how long the slow readers read before memory is
+    /// sampled.
+    pub slow_clients: usize,
+    pub slow_settle: Duration,
+    /// The workloads measured (all by default).
+    pub workloads: Vec<Workload>,
     /// The paths measured, in the report's order (all by default).
     pub targets: Vec<Target>,
     /// The topology and placement pairs measured, in the report's order (all by default).
@@ -57,6 +66,39 @@ pub struct Selection {
     pub targets: Vec<String>,
     /// Scene keys (`loopback-spread`, `namespaces-one-cpu`, ...); empty: all.
     pub scenes: Vec<String>,
+    /// Workload keys (`throughput`, `slow-clients`, ...); empty: all.
+    pub workloads: Vec<String>,
+}
+
+/// What the bench measures in each scene.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    Throughput,
+    Latency,
+    Rate,
+    Idle,
+    SlowClients,
+}
+
+impl Workload {
+    pub const ALL: [Self; 5] = [
+        Self::Throughput,
+        Self::Latency,
+        Self::Rate,
+        Self::Idle,
+        Self::SlowClients,
+    ];
+
+    /// How `--workloads` names it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Throughput => "throughput",
+            Self::Latency => "latency",
+            Self::Rate => "rate",
+            Self::Idle => "idle",
+            Self::SlowClients => "slow-clients",
+        }
+    }
 }
 
 impl Plan {
@@ -70,9 +112,16 @@ impl Plan {
             t.key().to_owned()
         })?;
         let scenes = select("--scenes", &selection.scenes, Scene::all(), Scene::key)?;
+        let workloads = select(
+            "--workloads",
+            &selection.workloads,
+            Workload::ALL.to_vec(),
+            |w| w.key().to_owned(),
+        )?;
         let publish = !quick
             && selection.targets.is_empty()
             && selection.scenes.is_empty()
+            && selection.workloads.is_empty()
             && runs.is_none()
             && seconds.is_none();
         let base = if quick {
@@ -83,6 +132,9 @@ impl Plan {
                 rate_seconds: 0.5,
                 rate_workers: 4,
                 idle_connections: 1_000,
+                slow_clients: 10,
+                slow_settle: Duration::from_secs(1),
+                workloads,
                 targets,
                 scenes,
                 steer_receive: false,
@@ -96,6 +148,9 @@ impl Plan {
                 rate_seconds: 2.0,
                 rate_workers: 4,
                 idle_connections: 10_000,
+                slow_clients: 100,
+                slow_settle: Duration::from_secs(4),
+                workloads,
                 targets,
                 scenes,
                 steer_receive: false,
@@ -107,6 +162,10 @@ impl Plan {
             seconds: seconds.unwrap_or(base.seconds).max(1),
             ..base
         })
+    }
+
+    fn measures(&self, workload: Workload) -> bool {
+        self.workloads.contains(&workload)
     }
 }
 
@@ -179,6 +238,7 @@ pub struct Results {
     pub latency: Vec<LatencyRow>,
     pub rate: Vec<RateRow>,
     pub idle: Vec<IdleRow>,
+    pub slow: Vec<SlowRow>,
 }
 
 impl Results {
@@ -229,57 +289,80 @@ pub fn bench(root: &Path, binary: &Path, helper: &Path, plan: &Plan) -> Result<(
             let _servers = Servers::start(&scene, helper)?;
             for &target in &plan.targets {
                 println!("{}: {}", scene.label(), target.name());
-                let relay = targets::start(&scene, target, IPERF_PORT, binary, helper, &scratch)?;
-                for streams in [1, 8] {
-                    for reverse in [false, true] {
+                if plan.measures(Workload::Throughput) {
+                    let relay =
+                        targets::start(&scene, target, IPERF_PORT, binary, helper, &scratch)?;
+                    for streams in [1, 8] {
+                        for reverse in [false, true] {
+                            let runs = (0..plan.runs)
+                                .map(|_| {
+                                    throughput(
+                                        &scene,
+                                        target,
+                                        relay.as_ref(),
+                                        streams,
+                                        reverse,
+                                        plan,
+                                    )
+                                })
+                                .collect::<Result<_>>()?;
+                            results.throughput.push(ThroughputRow {
+                                scene,
+                                target,
+                                streams,
+                                reverse,
+                                runs,
+                            });
+                        }
+                    }
+                }
+                let on_echo = [Workload::Latency, Workload::Rate, Workload::Idle];
+                if on_echo.iter().any(|&w| plan.measures(w)) {
+                    let relay =
+                        targets::start(&scene, target, ECHO_PORT, binary, helper, &scratch)?;
+                    if plan.measures(Workload::Latency) {
+                        for size in [1, 1024] {
+                            let runs = (0..plan.runs)
+                                .map(|_| latency(&scene, target, helper, size, plan))
+                                .collect::<Result<_>>()?;
+                            results.latency.push(LatencyRow {
+                                scene,
+                                target,
+                                size,
+                                runs,
+                            });
+                        }
+                    }
+                    if plan.measures(Workload::Rate) {
                         let runs = (0..plan.runs)
-                            .map(|_| {
-                                throughput(&scene, target, relay.as_ref(), streams, reverse, plan)
-                            })
+                            .map(|_| rate(&scene, target, helper, plan))
                             .collect::<Result<_>>()?;
-                        results.throughput.push(ThroughputRow {
+                        results.rate.push(RateRow {
                             scene,
                             target,
-                            streams,
-                            reverse,
                             runs,
                         });
                     }
+                    if placement == Placement::Spread && plan.measures(Workload::Idle) {
+                        results.idle.push(IdleRow {
+                            topology,
+                            target,
+                            measured: idle(&scene, target, relay.as_ref(), helper, plan),
+                        });
+                    }
                 }
-                drop(relay);
-                let relay = targets::start(&scene, target, ECHO_PORT, binary, helper, &scratch)?;
-                for size in [1, 1024] {
-                    let runs = (0..plan.runs)
-                        .map(|_| latency(&scene, target, helper, size, plan))
-                        .collect::<Result<_>>()?;
-                    results.latency.push(LatencyRow {
-                        scene,
-                        target,
-                        size,
-                        runs,
-                    });
-                }
-                let runs = (0..plan.runs)
-                    .map(|_| rate(&scene, target, helper, plan))
-                    .collect::<Result<_>>()?;
-                results.rate.push(RateRow {
-                    scene,
-                    target,
-                    runs,
-                });
-                if placement == Placement::Spread {
-                    results.idle.push(IdleRow {
-                        topology,
-                        target,
-                        measured: idle(&scene, target, relay.as_ref(), helper, plan),
-                    });
-                }
+            }
+            // Memory for slow clients does not depend on where the CPUs are: measured once
+            // per topology.
+            if placement == Placement::Spread && plan.measures(Workload::SlowClients) {
+                let paths = (binary, helper, scratch.as_path());
+                results.slow.extend(slow::measure(&scene, paths, plan));
             }
         }
     }
     let markdown = report::write(&scratch, plan, &results, started.elapsed())?;
     println!(
-        "{markdown}\nwritten to target/bench: bench.md, bench.png, throughput.csv, latency.csv, rate.csv, idle.csv"
+        "{markdown}\nwritten to target/bench: bench.md, bench.png, throughput.csv, latency.csv, rate.csv, idle.csv, slow.csv"
     );
     if plan.publish {
         report::publish(root, &markdown)?;
@@ -443,7 +526,7 @@ fn idle(
     Ok(measured)
 }
 
-fn meminfo_kib(field: &str) -> Result<u64> {
+pub(super) fn meminfo_kib(field: &str) -> Result<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo")?;
     meminfo
         .lines()
@@ -465,6 +548,7 @@ mod tests {
             &Selection {
                 targets: owned(targets),
                 scenes: owned(scenes),
+                workloads: Vec::new(),
             },
         )
     }

@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result};
 use super::{
     Plan, Results,
     scene::{Placement, Scene, Topology},
+    slow::{self, SlowKind},
     targets::Target,
     verdict,
 };
@@ -84,6 +85,84 @@ pub(super) fn today() -> String {
         .unwrap_or_default()
 }
 
+/// The slow-clients table: MemAvailable's fall per path, with what it adds over direct and
+/// how that compares with HAProxy's.
+fn slow_clients(
+    md: &mut String,
+    plan: &Plan,
+    results: &Results,
+    topologies: &[Topology],
+) -> Result<()> {
+    writeln!(md, "\n#### Slow clients\n")?;
+    let mut header = String::from("| path ");
+    for topology in topologies {
+        for kind in SlowKind::ALL {
+            write!(
+                header,
+                "| {}: {} ",
+                topology.name(),
+                kind.label(plan.slow_clients)
+            )?;
+        }
+    }
+    writeln!(md, "{header}|")?;
+    writeln!(
+        md,
+        "|---|{}",
+        "---|".repeat(topologies.len() * SlowKind::ALL.len())
+    )?;
+    for &target in &plan.targets {
+        let mut row = format!("| {} ", target.name());
+        for &topology in topologies {
+            for kind in SlowKind::ALL {
+                let runs = results
+                    .slow
+                    .iter()
+                    .find(|r| r.topology == topology && r.target == target && r.kind == kind)
+                    .map(|r| &r.runs);
+                match runs {
+                    Some(Ok(runs)) => {
+                        let (fall, lo, hi) = spread(runs.iter().map(|r| r.fall_mib).collect());
+                        write!(row, "| {fall:.0} ({lo:.0}-{hi:.0}) MiB")?;
+                        let resets: usize = runs.iter().map(|r| r.resets).sum();
+                        if resets > 0 {
+                            write!(row, ", {resets} reset in all")?;
+                        }
+                        let compared = slow::against_haproxy(results, topology, target, kind);
+                        if let Some(held) =
+                            compared.filter(|h| h.over_direct && target != Target::Direct)
+                        {
+                            write!(row, ", +{:.0} over direct", held.ours)?;
+                        }
+                        if let Some(held) =
+                            compared.filter(|_| ![slow::HAPROXY, Target::Direct].contains(&target))
+                        {
+                            write!(row, ", {:.2}x HAProxy", held.ours / held.haproxy)?;
+                        }
+                        row.push(' ');
+                    }
+                    Some(Err(why)) => write!(row, "| {why} ")?,
+                    None => row.push_str("| - "),
+                }
+            }
+        }
+        writeln!(md, "{row}|")?;
+    }
+    writeln!(
+        md,
+        "\nMemAvailable's fall while the clients were held (medians of 1 s before and 2 s \
+         during, each run with a relay of its own). Readers read {} KiB/s each while the \
+         upstream pushes as fast as it can, and were held after reading for {:.0} s; \
+         never-readers send to an echo until a send cannot start for 2 s, or the relay resets \
+         them (counted over the runs). Direct is what the \
+         endpoints' own sockets hold; the ratio compares what each path adds over direct with \
+         what HAProxy (without splice, as WhatsApp's relay runs it) adds.",
+        slow::READ_RATE >> 10,
+        plan.slow_settle.as_secs_f64()
+    )?;
+    Ok(())
+}
+
 fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
     let mut md = String::new();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -120,68 +199,73 @@ fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
              that sent them."
         )?;
     }
-    writeln!(
-        md,
-        "\nThroughput cells: Gbit/s median (min-max), then CPU-seconds per GB moved: system-wide \
-         (all CPUs, from /proc/stat, softirq included) / the relay's own processes."
-    )?;
-    for scene in &plan.scenes {
-        writeln!(md, "\n#### {}\n", scene.label())?;
+    // Only the workloads measured (`--workloads`) get tables.
+    let per_scene =
+        !(results.throughput.is_empty() && results.latency.is_empty() && results.rate.is_empty());
+    if per_scene {
         writeln!(
             md,
-            "| path | 1 stream c->u | 1 stream u->c | 8 streams c->u | 8 streams u->c |"
+            "\nThroughput cells: Gbit/s median (min-max), then CPU-seconds per GB moved: system-wide \
+             (all CPUs, from /proc/stat, softirq included) / the relay's own processes."
         )?;
-        writeln!(md, "|---|---|---|---|---|")?;
-        for &target in &plan.targets {
-            let mut row = format!("| {} ", target.name());
-            for (streams, reverse) in DIRECTIONS {
-                let runs = results
-                    .throughput
-                    .iter()
-                    .find(|r| {
-                        r.scene == *scene
-                            && r.target == target
-                            && r.streams == streams
-                            && r.reverse == reverse
-                    })
-                    .map(|r| r.runs.clone())
-                    .unwrap_or_default();
-                let (gbit, lo, hi) = spread(runs.iter().map(|t| t.gbit_per_s).collect());
-                let system = median(runs.iter().map(|t| t.system_cpu_s_per_gb).collect());
-                let relay = median(runs.iter().map(|t| t.relay_cpu_s_per_gb).collect());
-                let relay = if target == Target::Direct {
-                    "-".to_owned()
+        for scene in &plan.scenes {
+            writeln!(md, "\n#### {}\n", scene.label())?;
+            writeln!(
+                md,
+                "| path | 1 stream c->u | 1 stream u->c | 8 streams c->u | 8 streams u->c |"
+            )?;
+            writeln!(md, "|---|---|---|---|---|")?;
+            for &target in &plan.targets {
+                let mut row = format!("| {} ", target.name());
+                for (streams, reverse) in DIRECTIONS {
+                    let runs = results
+                        .throughput
+                        .iter()
+                        .find(|r| {
+                            r.scene == *scene
+                                && r.target == target
+                                && r.streams == streams
+                                && r.reverse == reverse
+                        })
+                        .map(|r| r.runs.clone())
+                        .unwrap_or_default();
+                    let (gbit, lo, hi) = spread(runs.iter().map(|t| t.gbit_per_s).collect());
+                    let system = median(runs.iter().map(|t| t.system_cpu_s_per_gb).collect());
+                    let relay = median(runs.iter().map(|t| t.relay_cpu_s_per_gb).collect());
+                    let relay = if target == Target::Direct {
+                        "-".to_owned()
+                    } else {
+                        format!("{relay:.3}")
+                    };
+                    write!(
+                        row,
+                        "| {gbit:.2} ({lo:.2}-{hi:.2}) · {system:.2} / {relay} "
+                    )?;
+                }
+                writeln!(md, "{row}|")?;
+            }
+            writeln!(
+                md,
+                "\n| path | 1 B p50 / p99 / p99.9 µs | 1 KiB p50 / p99 / p99.9 µs | new connections/s |"
+            )?;
+            writeln!(md, "|---|---|---|---|")?;
+            for &target in &plan.targets {
+                let mut row = format!("| {} ", target.name());
+                for size in [1, 1024] {
+                    let runs = results.latency_runs(scene, target, size);
+                    let q = |i: usize| median(runs.iter().map(|r| r[i]).collect());
+                    write!(row, "| {:.0} / {:.0} / {:.0} ", q(0), q(1), q(2))?;
+                }
+                let runs = results.rate_runs(scene, target);
+                let (per_second, lo, hi) = spread(runs.iter().map(|r| r.0).collect());
+                let failed: u64 = runs.iter().map(|r| r.1).sum();
+                let failed = if failed == 0 {
+                    String::new()
                 } else {
-                    format!("{relay:.3}")
+                    format!(", {failed} failed")
                 };
-                write!(
-                    row,
-                    "| {gbit:.2} ({lo:.2}-{hi:.2}) · {system:.2} / {relay} "
-                )?;
+                writeln!(md, "{row}| {per_second:.0} ({lo:.0}-{hi:.0}){failed} |")?;
             }
-            writeln!(md, "{row}|")?;
-        }
-        writeln!(
-            md,
-            "\n| path | 1 B p50 / p99 / p99.9 µs | 1 KiB p50 / p99 / p99.9 µs | new connections/s |"
-        )?;
-        writeln!(md, "|---|---|---|---|")?;
-        for &target in &plan.targets {
-            let mut row = format!("| {} ", target.name());
-            for size in [1, 1024] {
-                let runs = results.latency_runs(scene, target, size);
-                let q = |i: usize| median(runs.iter().map(|r| r[i]).collect());
-                write!(row, "| {:.0} / {:.0} / {:.0} ", q(0), q(1), q(2))?;
-            }
-            let runs = results.rate_runs(scene, target);
-            let (per_second, lo, hi) = spread(runs.iter().map(|r| r.0).collect());
-            let failed: u64 = runs.iter().map(|r| r.1).sum();
-            let failed = if failed == 0 {
-                String::new()
-            } else {
-                format!(", {failed} failed")
-            };
-            writeln!(md, "{row}| {per_second:.0} ({lo:.0}-{hi:.0}){failed} |")?;
         }
     }
     // Idle connections are measured in the spread placement of each topology.
@@ -198,51 +282,56 @@ fn markdown(plan: &Plan, results: &Results, took: Duration) -> Result<String> {
         md.push_str(&verdict::markdown(&plan.scenes, results));
         return Ok(md);
     }
-    writeln!(md, "\n#### Idle connections\n")?;
-    let names: Vec<&str> = topologies.iter().map(|t| t.name()).collect();
-    writeln!(md, "| path | {} |", names.join(" | "))?;
-    writeln!(md, "|---|{}", "---|".repeat(names.len()))?;
-    for &target in &plan.targets {
-        let mut row = format!("| {} ", target.name());
-        for &topology in &topologies {
-            let idle = results
-                .idle
-                .iter()
-                .find(|r| r.topology == topology && r.target == target)
-                .map(|r| &r.measured);
-            match idle {
-                Some(Ok(m)) => {
-                    let per_connection = |mib: f64| mib * 1024.0 / m.connections as f64;
-                    let rss = m.relay_rss_mib.map_or("-".to_owned(), |(rss, before)| {
-                        format!(
-                            "{rss:.1} MiB (+{:.1} over none open: {:.2} KiB each)",
-                            rss - before,
-                            per_connection(rss - before)
-                        )
-                    });
-                    write!(
-                        row,
-                        "| {} connections: relay RSS {rss}, Slab +{:.1} MiB ({:.2} KiB each) ",
-                        m.connections,
-                        m.slab_growth_mib,
-                        per_connection(m.slab_growth_mib)
-                    )?;
+    if !results.idle.is_empty() {
+        writeln!(md, "\n#### Idle connections\n")?;
+        let names: Vec<&str> = topologies.iter().map(|t| t.name()).collect();
+        writeln!(md, "| path | {} |", names.join(" | "))?;
+        writeln!(md, "|---|{}", "---|".repeat(names.len()))?;
+        for &target in &plan.targets {
+            let mut row = format!("| {} ", target.name());
+            for &topology in &topologies {
+                let idle = results
+                    .idle
+                    .iter()
+                    .find(|r| r.topology == topology && r.target == target)
+                    .map(|r| &r.measured);
+                match idle {
+                    Some(Ok(m)) => {
+                        let per_connection = |mib: f64| mib * 1024.0 / m.connections as f64;
+                        let rss = m.relay_rss_mib.map_or("-".to_owned(), |(rss, before)| {
+                            format!(
+                                "{rss:.1} MiB (+{:.1} over none open: {:.2} KiB each)",
+                                rss - before,
+                                per_connection(rss - before)
+                            )
+                        });
+                        write!(
+                            row,
+                            "| {} connections: relay RSS {rss}, Slab +{:.1} MiB ({:.2} KiB each) ",
+                            m.connections,
+                            m.slab_growth_mib,
+                            per_connection(m.slab_growth_mib)
+                        )?;
+                    }
+                    Some(Err(why)) => write!(row, "| {why} ")?,
+                    None => row.push_str("| - "),
                 }
-                Some(Err(why)) => write!(row, "| {why} ")?,
-                None => row.push_str("| - "),
             }
+            writeln!(md, "{row}|")?;
         }
-        writeln!(md, "{row}|")?;
+        writeln!(
+            md,
+            "\nEach connection carried one byte each way, then stayed open. Slab growth is /proc/meminfo's Slab while they are open minus before; \
+             for direct it is what the two endpoints' sockets cost, so a relay's own kernel memory is its figure minus direct's. \
+             Connections per path: {} asked, fewer where the descriptor limit ({}) does not leave room \
+             (ebpf-proxy holds 2 descriptors per connection, 6 with splice; HAProxy reserves 2.5).",
+            plan.idle_connections,
+            super::targets::fd_limit()
+        )?;
     }
-    writeln!(
-        md,
-        "\nEach connection carried one byte each way, then stayed open. Slab growth is /proc/meminfo's Slab while they are open minus before; \
-         for direct it is what the two endpoints' sockets cost, so a relay's own kernel memory is its figure minus direct's. \
-         Connections per path: {} asked, fewer where the descriptor limit ({}) does not leave room \
-         (ebpf-proxy holds 2 descriptors per connection, 6 with splice; HAProxy reserves 2.5).",
-        plan.idle_connections,
-        super::targets::fd_limit()
-    )?;
+    if !results.slow.is_empty() {
+        slow_clients(&mut md, plan, results, &topologies)?;
+    }
     md.push_str(&verdict::markdown(&plan.scenes, results));
     Ok(md)
 }

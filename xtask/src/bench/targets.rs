@@ -19,6 +19,7 @@ use super::scene::{Role, Scene};
 pub const RELAY_PORT: u16 = 15200;
 pub const IPERF_PORT: u16 = 15201;
 pub const ECHO_PORT: u16 = 15202;
+pub const PUSH_PORT: u16 = 15203;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -233,7 +234,7 @@ impl Drop for Running {
     }
 }
 
-/// The iperf3 and echo servers of one scene; stopped on drop.
+/// The iperf3, echo and push servers of one scene; stopped on drop.
 pub struct Servers(Vec<Child>);
 
 impl Servers {
@@ -244,7 +245,9 @@ impl Servers {
         iperf.args(["-s", "-p", &IPERF_PORT.to_string(), "-B", ip]);
         let mut echo = scene.command(Role::Server, helper);
         echo.args(["bench-echo", &format!("{ip}:{ECHO_PORT}")]);
-        for (mut command, port) in [(iperf, IPERF_PORT), (echo, ECHO_PORT)] {
+        let mut push = scene.command(Role::Server, helper);
+        push.args(["bench-push", &format!("{ip}:{PUSH_PORT}")]);
+        for (mut command, port) in [(iperf, IPERF_PORT), (echo, ECHO_PORT), (push, PUSH_PORT)] {
             let child = command
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

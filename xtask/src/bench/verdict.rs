@@ -8,6 +8,7 @@ use super::{
     Results,
     report::median,
     scene::{Placement, Scene, Topology},
+    slow::{self, SlowKind},
     targets::Target,
 };
 
@@ -191,6 +192,18 @@ fn idle_rss(results: &Results, topology: Topology, candidate: Target) -> Option<
     )])
 }
 
+/// Memory held for slow clients, each kind against HAProxy's for the same clients.
+fn slow_clients(results: &Results, topology: Topology, candidate: Target) -> Option<Judged> {
+    let checks = SlowKind::ALL
+        .into_iter()
+        .filter_map(|kind| {
+            let held = slow::against_haproxy(results, topology, candidate, kind)?;
+            Some(at_most(kind.key(), held.ours, held.haproxy, 0, " MiB"))
+        })
+        .collect();
+    Judged::of(checks)
+}
+
 /// `ours` and `bound` with `decimals` or more, as many as it takes for them to compare as
 /// they are (0.572 against 0.566, not 0.57 against 0.57).
 fn figures(ours: f64, bound: f64, decimals: usize) -> (String, String) {
@@ -220,7 +233,7 @@ fn at_most(label: &str, ours: f64, bound: f64, decimals: usize, unit: &str) -> (
 /// scene.
 pub fn markdown(scenes: &[Scene], results: &Results) -> String {
     type Check = fn(&Results, Scene, Target) -> Option<Judged>;
-    let rows: [(&str, Check); 6] = [
+    let rows: [(&str, Check); 7] = [
         ("throughput ≥ 1.2x HAProxy splice", |r, s, c| {
             throughput_ratio(r, s, c, HAPROXY_SPLICE, OVER_HAPROXY_SPLICE)
         }),
@@ -245,6 +258,17 @@ pub fn markdown(scenes: &[Scene], results: &Results) -> String {
                 }
             },
         ),
+        (
+            "slow clients: memory held over direct ≤ HAProxy's",
+            |r, s, c| {
+                // Measured once per topology, in the spread placement.
+                if s.placement == Placement::Spread {
+                    slow_clients(r, s.topology, c)
+                } else {
+                    None
+                }
+            },
+        ),
     ];
     let mut md = String::new();
     let _ = writeln!(
@@ -254,7 +278,8 @@ pub fn markdown(scenes: &[Scene], results: &Results) -> String {
          CPU overhead: system-wide CPU-seconds per GB minus direct's, against half of HAProxy \
          splice's; it counts the kernel's softirq and redirect-worker time, which the relay \
          process's own CPU leaves out. p99 and connection rate: against the better of HAProxy \
-         with and without splice. Figures that miss are in bold.\n"
+         with and without splice. Slow clients: MemAvailable's fall over direct's, against \
+         HAProxy's without splice. Figures that miss are in bold.\n"
     );
     let _ = writeln!(
         md,
@@ -297,7 +322,10 @@ pub fn markdown(scenes: &[Scene], results: &Results) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{LatencyRow, RateRow, ThroughputRow, Transfer};
+    use crate::bench::{
+        LatencyRow, RateRow, ThroughputRow, Transfer,
+        slow::{Run, SlowRow},
+    };
 
     const SCENE: Scene = Scene {
         topology: Topology::Loopback,
@@ -395,6 +423,47 @@ mod tests {
         results.rate.retain(|r| r.target != HAPROXIES[1]);
         assert!(latency(&results, SCENE, KERNEL).unwrap().met);
         assert!(connection_rate(&results, SCENE, KERNEL).unwrap().met);
+    }
+
+    #[test]
+    fn slow_clients_are_judged_over_direct_against_haproxy() {
+        let mut results = Results::default();
+        let mut falls = |target, kind, runs: Vec<f64>| {
+            results.slow.push(SlowRow {
+                topology: Topology::Loopback,
+                target,
+                kind,
+                clients: 100,
+                runs: Ok(runs
+                    .into_iter()
+                    .map(|fall_mib| Run {
+                        fall_mib,
+                        resets: 0,
+                    })
+                    .collect()),
+            });
+        };
+        falls(Target::Direct, SlowKind::Readers, vec![100.0]);
+        falls(Target::Direct, SlowKind::NeverReaders, vec![400.0]);
+        falls(slow::HAPROXY, SlowKind::Readers, vec![300.0]);
+        falls(slow::HAPROXY, SlowKind::NeverReaders, vec![900.0]);
+        // Medians: 290 and 950, so 190 over direct against 200, and 550 against 500.
+        falls(KERNEL, SlowKind::Readers, vec![900.0, 290.0, 10.0]);
+        falls(KERNEL, SlowKind::NeverReaders, vec![950.0]);
+        let judged = slow_clients(&results, Topology::Loopback, KERNEL).unwrap();
+        assert!(!judged.met);
+        assert_eq!(
+            judged.detail,
+            "slow-readers 190 ≤ 200 MiB, **never-readers 550 > 500 MiB**"
+        );
+        // Without direct, the whole falls compare.
+        results.slow.retain(|r| r.target != Target::Direct);
+        let judged = slow_clients(&results, Topology::Loopback, KERNEL).unwrap();
+        assert_eq!(
+            judged.detail,
+            "slow-readers 290 ≤ 300 MiB, **never-readers 950 > 900 MiB**"
+        );
+        assert_eq!(slow_clients(&results, Topology::Namespaces, KERNEL), None);
     }
 
     #[test]
