@@ -352,9 +352,10 @@ pub fn bench(root: &Path, binary: &Path, helper: &Path, plan: &Plan) -> Result<(
                     }
                 }
             }
-            // Memory for slow clients does not depend on where the CPUs are: measured once
-            // per topology.
-            if placement == Placement::Spread && plan.measures(Workload::SlowClients) {
+            // Memory for slow clients does not depend on where the CPUs are: measured once,
+            // over loopback. Across the namespaces, 10 never-readers through kernel mode
+            // exhausted the machine's memory (docs/reliability.md, known issues).
+            if scene.key() == "loopback-spread" && plan.measures(Workload::SlowClients) {
                 let paths = (binary, helper, scratch.as_path());
                 results.slow.extend(slow::measure(&scene, paths, plan));
             }
