@@ -39,6 +39,26 @@ pub fn meminfo_kib(field: &str) -> u64 {
         .unwrap_or_else(|| panic!("/proc/meminfo has no {field}"))
 }
 
+/// Memory the machine has available, in KiB: MemAvailable plus the free pages parked on the
+/// per-CPU lists. MemFree leaves those out, and since Linux 6.7 the lists grow with the
+/// rate pages are freed (up to `high_max` in /proc/zoneinfo), so MemAvailable alone moves
+/// by hundreds of MiB as network traffic starts and stops.
+pub fn available_kib() -> u64 {
+    let zoneinfo = std::fs::read_to_string("/proc/zoneinfo").expect("/proc/zoneinfo");
+    // SAFETY: sysconf has no preconditions.
+    let page_kib = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64 / 1024;
+    meminfo_kib("MemAvailable") + per_cpu_free_pages(&zoneinfo) * page_kib
+}
+
+/// The sum of the per-CPU page lists' `count:` lines in a /proc/zoneinfo text.
+fn per_cpu_free_pages(zoneinfo: &str) -> u64 {
+    zoneinfo
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("count:"))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum()
+}
+
 /// The send buffers (`ss` skmem `tb`, the kernel's sk_sndbuf) of the established sockets whose
 /// local port is `port`: on a relay's listening port, the sockets it accepted.
 pub fn send_buffers_on_port(port: u16) -> Vec<u64> {
@@ -132,4 +152,15 @@ pub fn bpftool_name(object: &str, id: u32) -> Option<String> {
     let listing = String::from_utf8_lossy(&output.stdout).into_owned();
     let after = listing.split_once(" name ")?.1;
     Some(after.split_whitespace().next()?.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::per_cpu_free_pages;
+
+    #[test]
+    fn per_cpu_free_pages_sums_every_zone_and_cpu() {
+        let zoneinfo = "Node 0, zone   Normal\n  pages free     5000\n  pagesets\n    cpu: 0\n              count:    9989\n              high:     10207\n    cpu: 1\n              count:    11\n  node_unreclaimable:  0\nNode 0, zone    DMA32\n    cpu: 0\n              count: 2\n";
+        assert_eq!(per_cpu_free_pages(zoneinfo), 10002);
+    }
 }

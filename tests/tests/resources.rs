@@ -11,7 +11,7 @@ use std::{
 use sha2::{Digest as _, Sha256};
 
 use integration_tests::{
-    Behaviour, Plane, Received, Relay, Upstream, exchange, is_root, meminfo_kib, metric, payload,
+    Behaviour, Plane, Received, Relay, Upstream, available_kib, exchange, is_root, metric, payload,
     reset, send_buffers_on_port, wait_until,
 };
 
@@ -71,9 +71,9 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
     ) else {
         return;
     };
-    // MemAvailable moves with the whole machine (page cache, reclaim): compare medians of
+    // Available memory moves with the whole machine (page cache, reclaim): compare medians of
     // samples, one second before the connection against the last two seconds of it.
-    let before = mem_available_median();
+    let before = available_median();
     let mut client = TcpStream::connect(relay.addr).expect("connect");
     // Read 64 KiB per second for 8 seconds: a pacing workload, not a synchroniser.
     let started = Instant::now();
@@ -85,7 +85,7 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
     while started.elapsed() < Duration::from_secs(8) {
         client.read_exact(&mut buf).expect("slow read");
         read += buf.len();
-        during.push(meminfo_kib("MemAvailable"));
+        during.push(available_kib());
         highest_rss = highest_rss.max(relay.rss_kib());
         largest_send_buffer = send_buffers_on_port(relay.addr.port())
             .into_iter()
@@ -101,7 +101,7 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
     let at_end = during.split_off(during.len().saturating_sub(16));
     let grew_mib = before.saturating_sub(median(at_end)) / 1024;
     eprintln!(
-        "{plane:?}: read {} KiB; upstream pushed {} MiB; MemAvailable fell by {grew_mib} MiB; relay RSS peaked at {} MiB; the relay's client socket had a send buffer of up to {} KiB; {detached} directions left the kernel",
+        "{plane:?}: read {} KiB; upstream pushed {} MiB; available memory fell by {grew_mib} MiB; relay RSS peaked at {} MiB; the relay's client socket had a send buffer of up to {} KiB; {detached} directions left the kernel",
         read >> 10,
         pushed >> 20,
         highest_rss >> 10,
@@ -155,7 +155,7 @@ pub fn a_client_that_never_reads_its_echo_is_held_within_bounds(plane: Plane) {
     let Some(mut relay) = Relay::start(plane, &upstream.relay_target(), &[]) else {
         return;
     };
-    let before = mem_available_median();
+    let before = available_median();
     let mut client = TcpStream::connect(relay.addr).expect("connect");
     // Twice the bound: a client that gets this far was never held back.
     let cap = (2 * BOTH_WAYS_MIB as usize) << 20;
@@ -182,16 +182,16 @@ pub fn a_client_that_never_reads_its_echo_is_held_within_bounds(plane: Plane) {
         hasher,
         ..
     } = sent;
-    let held = mem_available_median();
+    let held = available_median();
     let grew_mib = before.saturating_sub(held) / 1024;
     eprintln!(
-        "{plane:?}: the client sent {} MiB before it was held; MemAvailable fell by {grew_mib} MiB; relay RSS peaked at {} MiB",
+        "{plane:?}: the client sent {} MiB before it was held; available memory fell by {grew_mib} MiB; relay RSS peaked at {} MiB",
         sent >> 20,
         highest_rss >> 10
     );
     assert!(
         grew_mib < BOTH_WAYS_MIB + 32,
-        "{plane:?}: MemAvailable fell by {grew_mib} MiB"
+        "{plane:?}: available memory fell by {grew_mib} MiB"
     );
     assert!(
         highest_rss < 64 << 10,
@@ -382,11 +382,11 @@ fn chunk(index: usize) -> Vec<u8> {
     payload(5000 + index as u64, CHUNK)
 }
 
-/// Median of MemAvailable over one second, in KiB: it moves with the whole machine.
-pub fn mem_available_median() -> u64 {
+/// Median of [`available_kib`] over one second: it moves with the whole machine.
+pub fn available_median() -> u64 {
     let mut samples = Vec::new();
     for _ in 0..8 {
-        samples.push(meminfo_kib("MemAvailable"));
+        samples.push(available_kib());
         // Sampling pace, not a synchroniser.
         thread::sleep(Duration::from_millis(125));
     }
