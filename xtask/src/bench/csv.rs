@@ -117,7 +117,7 @@ fn read_csvs(dir: &Path) -> Result<(Vec<Scene>, Results)> {
     }
     // Runs before the slow-clients workload wrote no slow.csv.
     let slow_rows = if dir.join("slow.csv").exists() {
-        csv_rows(dir, "slow.csv", 7)?
+        csv_rows(dir, "slow.csv", 8)?
     } else {
         Vec::new()
     };
@@ -131,7 +131,8 @@ fn read_csvs(dir: &Path) -> Result<(Vec<Scene>, Results)> {
         let clients = fields[3].parse().with_context(|| line.clone())?;
         let fall = Run {
             fall_mib: fields[5].parse().with_context(|| line.clone())?,
-            resets: fields[6].parse().with_context(|| line.clone())?,
+            ends_mib: fields[6].parse().with_context(|| line.clone())?,
+            resets: fields[7].parse().with_context(|| line.clone())?,
         };
         seen.push(Scene {
             topology,
@@ -268,17 +269,18 @@ pub(super) fn write_csvs(dir: &Path, results: &Results) -> Result<()> {
     }
     fs::write(dir.join("idle.csv"), csv)?;
     let mut csv =
-        String::from("topology,target,workload,clients,run,mem_available_fall_mib,resets\n");
+        String::from("topology,target,workload,clients,run,available_fall_mib,ends_mib,resets\n");
     for r in &results.slow {
         for (run, fall) in r.runs.iter().flatten().enumerate() {
             writeln!(
                 csv,
-                "{},{},{},{},{run},{:.1},{}",
+                "{},{},{},{},{run},{:.1},{:.1},{}",
                 r.topology.name(),
                 r.target.name(),
                 r.kind.key(),
                 r.clients,
                 fall.fall_mib,
+                fall.ends_mib,
                 fall.resets
             )?;
         }

@@ -85,8 +85,8 @@ pub(super) fn today() -> String {
         .unwrap_or_default()
 }
 
-/// The slow-clients table: MemAvailable's fall per path, with what it adds over direct and
-/// how that compares with HAProxy's.
+/// The slow-clients table: the memory held per path, with what it adds over direct and how
+/// that compares with HAProxy's.
 fn slow_clients(
     md: &mut String,
     plan: &Plan,
@@ -122,8 +122,8 @@ fn slow_clients(
                     .map(|r| &r.runs);
                 match runs {
                     Some(Ok(runs)) => {
-                        let (fall, lo, hi) = spread(runs.iter().map(|r| r.fall_mib).collect());
-                        write!(row, "| {fall:.0} ({lo:.0}-{hi:.0}) MiB")?;
+                        let (held, lo, hi) = spread(runs.iter().map(slow::Run::held_mib).collect());
+                        write!(row, "| {held:.0} ({lo:.0}-{hi:.0}) MiB")?;
                         let resets: usize = runs.iter().map(|r| r.resets).sum();
                         if resets > 0 {
                             write!(row, ", {resets} reset in all")?;
@@ -150,12 +150,14 @@ fn slow_clients(
     }
     writeln!(
         md,
-        "\nMemAvailable's fall while the clients were held (medians of 1 s before and 2 s \
-         during, each run with a relay of its own). Readers read {} KiB/s each while the \
+        "\nMemory held while the clients were held: the fall of available memory \
+         (MemAvailable plus the per-CPU free page lists; medians of 1 s before and 2 s \
+         during, each run with a relay of its own) less what the clients' and the \
+         upstream's sockets held. Readers read {} KiB/s each while the \
          upstream pushes as fast as it can, and were held after reading for {:.0} s; \
          never-readers send to an echo until a send cannot start for 2 s, or the relay resets \
-         them (counted over the runs). Direct is what the \
-         endpoints' own sockets hold; the ratio compares what each path adds over direct with \
+         them (counted over the runs). Direct is what \
+         connecting straight costs beyond those sockets; the ratio compares what each path adds over direct with \
          what HAProxy (without splice, as WhatsApp's relay runs it) adds.",
         slow::READ_RATE >> 10,
         plan.slow_settle.as_secs_f64()

@@ -1,7 +1,8 @@
 //! The slow-clients workload: what a path makes the machine hold for clients that read
 //! slowly while their upstream pushes, and for clients that send to an echo and never read.
-//! Measured as the fall of MemAvailable while they are held (it counts what the relay makes
-//! the kernel hold outside socket accounting), against the same clients connected directly.
+//! Measured as the fall of available memory while they are held (it counts what the relay
+//! makes the kernel hold outside socket accounting) less what the clients' and the
+//! upstream's own sockets hold, against the same clients connected directly.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -74,10 +75,20 @@ pub struct SlowRow {
 
 #[derive(Clone, Copy)]
 pub struct Run {
-    /// MemAvailable's fall while the clients were held.
+    /// The fall of [`available_kib`] while the clients were held.
     pub fall_mib: f64,
+    /// What the clients' and the upstream's sockets held meanwhile: on a real relay they sit
+    /// on other machines.
+    pub ends_mib: f64,
     /// Clients the relay reset rather than held.
     pub resets: usize,
+}
+
+impl Run {
+    /// What the machine held for the path itself.
+    pub fn held_mib(&self) -> f64 {
+        self.fall_mib - self.ends_mib
+    }
 }
 
 /// Every run of each kind through each target, each with a relay of its own, the targets
@@ -124,7 +135,7 @@ fn one_run(
 ) -> Result<Run> {
     wait_for_sockets_freed()?;
     let relay = targets::start(scene, target, kind.upstream_port(), binary, helper, scratch)?;
-    let before = mem_available_median(Duration::from_secs(1))?;
+    let before = available_median(Duration::from_secs(1))?;
     let mut probe = scene
         .command(Role::Client, helper)
         .arg("bench-probe")
@@ -147,7 +158,10 @@ fn one_run(
     let _ = BufReader::new(stdout).read_line(&mut line);
     let resets = line.trim().strip_prefix("ready ").map(str::parse::<usize>);
     let held = match resets {
-        Some(Ok(resets)) => mem_available_median(Duration::from_secs(2)).map(|m| (m, resets)),
+        Some(Ok(resets)) => available_median(Duration::from_secs(2)).and_then(|m| {
+            let ends = ends_memory(scene, target, kind)?;
+            Ok((m, ends, resets))
+        }),
         _ => Err(anyhow::anyhow!("the probe never held its clients")),
     };
     // Closing stdin lets the probe close its connections and exit.
@@ -163,9 +177,10 @@ fn one_run(
         );
     }
     drop(relay);
-    let (held, resets) = held?;
+    let (held, ends, resets) = held?;
     Ok(Run {
         fall_mib: (before - held) / 1024.0,
+        ends_mib: ends as f64 / f64::from(1 << 20),
         resets,
     })
 }
@@ -213,24 +228,87 @@ fn tcp_memory_pages() -> Result<u64> {
         .context("no TCP mem in /proc/net/sockstat")
 }
 
-/// The median of MemAvailable (KiB) sampled 8 times a second for `over`: it moves with the
+/// The median of [`available_kib`] sampled 8 times a second for `over`: it moves with the
 /// whole machine.
-fn mem_available_median(over: Duration) -> Result<f64> {
+fn available_median(over: Duration) -> Result<f64> {
     let samples = (over.as_millis() / 125).max(1);
     let mut values = Vec::new();
     for _ in 0..samples {
-        values.push(super::meminfo_kib("MemAvailable")? as f64);
+        values.push(available_kib()? as f64);
         // Sampling pace, not a synchroniser.
         thread::sleep(Duration::from_millis(125));
     }
     Ok(super::report::median(values))
 }
 
+/// Memory the machine has available, in KiB: MemAvailable plus the free pages parked on the
+/// per-CPU lists, which MemFree leaves out and which since Linux 6.7 grow and shrink by
+/// hundreds of MiB with the rate network traffic frees pages.
+fn available_kib() -> Result<u64> {
+    let zoneinfo = std::fs::read_to_string("/proc/zoneinfo")?;
+    // SAFETY: sysconf has no preconditions.
+    let page_kib = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64 / 1024;
+    Ok(super::meminfo_kib("MemAvailable")? + per_cpu_free_pages(&zoneinfo) * page_kib)
+}
+
+/// The sum of the per-CPU page lists' `count:` lines in a /proc/zoneinfo text.
+fn per_cpu_free_pages(zoneinfo: &str) -> u64 {
+    zoneinfo
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("count:"))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Bytes queued in the clients' sockets (towards the address they connect to) and in the
+/// upstream's (on its port), each counted in its own namespace.
+fn ends_memory(scene: &Scene, target: Target, kind: SlowKind) -> Result<u64> {
+    let address = targets::client_address(scene, target, kind.upstream_port());
+    let port = address.rsplit(':').next().unwrap_or_default();
+    let clients = socket_memory(scene, Role::Client, &format!("dport = :{port}"))?;
+    let upstream = socket_memory(
+        scene,
+        Role::Server,
+        &format!("sport = :{}", kind.upstream_port()),
+    )?;
+    Ok(clients + upstream)
+}
+
+/// The sum of `ss` skmem's r, w and bl over the TCP sockets `filter` picks in `role`'s
+/// namespace.
+fn socket_memory(scene: &Scene, role: Role, filter: &str) -> Result<u64> {
+    let output = scene
+        .command(role, "ss")
+        .arg("-tmnHa")
+        .args(filter.split(' '))
+        .output()
+        .context("running ss (iproute2)")?;
+    if !output.status.success() {
+        bail!("ss: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(skmem_bytes(&String::from_utf8_lossy(&output.stdout)))
+}
+
+/// The r, w and bl fields of every `skmem:(...)` in `ss -m` output.
+fn skmem_bytes(ss: &str) -> u64 {
+    ss.split("skmem:(")
+        .skip(1)
+        .filter_map(|rest| rest.split(')').next())
+        .flat_map(|fields| fields.split(','))
+        .filter_map(|field| {
+            let digits_at = field.find(|c: char| c.is_ascii_digit())?;
+            let (name, value) = field.split_at(digits_at);
+            matches!(name, "r" | "w" | "bl").then(|| value.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
 /// HAProxy as WhatsApp's own relay runs it: without splice.
 pub const HAPROXY: Target = Target::Haproxy { splice: false };
 
-/// The median of a cell's runs in MiB; none if it was not measured or failed.
-pub fn median_fall(
+/// The median of what a cell's runs held for the path, in MiB; none if it was not
+/// measured or failed.
+pub fn median_held(
     results: &super::Results,
     topology: Topology,
     target: Target,
@@ -242,7 +320,7 @@ pub fn median_fall(
         .find(|r| r.topology == topology && r.target == target && r.kind == kind)?;
     let runs = row.runs.as_ref().ok().filter(|runs| !runs.is_empty())?;
     Some(super::report::median(
-        runs.iter().map(|r| r.fall_mib).collect(),
+        runs.iter().map(Run::held_mib).collect(),
     ))
 }
 
@@ -254,9 +332,9 @@ pub fn against_haproxy(
     target: Target,
     kind: SlowKind,
 ) -> Option<Held> {
-    let ours = median_fall(results, topology, target, kind)?;
-    let haproxy = median_fall(results, topology, HAPROXY, kind)?;
-    let direct = median_fall(results, topology, Target::Direct, kind);
+    let ours = median_held(results, topology, target, kind)?;
+    let haproxy = median_held(results, topology, HAPROXY, kind)?;
+    let direct = median_held(results, topology, Target::Direct, kind);
     let base = direct.unwrap_or(0.0);
     Some(Held {
         ours: ours - base,
@@ -271,4 +349,22 @@ pub struct Held {
     pub haproxy: f64,
     /// Whether both are over direct's.
     pub over_direct: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_cpu_free_pages_sum_every_zone_and_cpu() {
+        let zoneinfo = "Node 0, zone   Normal\n  pages free     5000\n  pagesets\n    cpu: 0\n              count:    9989\n              high:     10207\n    cpu: 1\n              count:    11\nNode 0, zone    DMA32\n    cpu: 0\n              count: 2\n";
+        assert_eq!(per_cpu_free_pages(zoneinfo), 10002);
+    }
+
+    #[test]
+    fn skmem_counts_queued_bytes_not_buffer_sizes() {
+        let ss = "ESTAB 0 0 127.0.0.1:1 127.0.0.1:2 skmem:(r10,rb131072,t0,tb16384,f0,w20,o0,bl30,d0)\n\
+                  ESTAB 0 0 127.0.0.1:2 127.0.0.1:1 skmem:(r1,rb131072,t0,tb16384,f4096,w0,o0,bl0,d0)";
+        assert_eq!(skmem_bytes(ss), 61);
+    }
 }

@@ -278,7 +278,7 @@ pub fn markdown(scenes: &[Scene], results: &Results) -> String {
          CPU overhead: system-wide CPU-seconds per GB minus direct's, against half of HAProxy \
          splice's; it counts the kernel's softirq and redirect-worker time, which the relay \
          process's own CPU leaves out. p99 and connection rate: against the better of HAProxy \
-         with and without splice. Slow clients: MemAvailable's fall over direct's, against \
+         with and without splice. Slow clients: memory held over direct's, against \
          HAProxy's without splice. Figures that miss are in bold.\n"
     );
     let _ = writeln!(
@@ -438,6 +438,7 @@ mod tests {
                     .into_iter()
                     .map(|fall_mib| Run {
                         fall_mib,
+                        ends_mib: 0.0,
                         resets: 0,
                     })
                     .collect()),
