@@ -50,8 +50,9 @@ pub const fn release_at(limit: u64) -> u64 {
 }
 
 /// The most bytes a detached flow may keep in the kernel that userspace has not moved yet
-/// ([`FlowState::passed_bytes`] minus [`FlowControl::passed_moved`]); past it userspace
-/// resets the connection. A kept segment that finds bytes for this socket's own peer queued
+/// ([`FlowState::passed_bytes`] minus [`FlowControl::passed_moved`]); past it the program
+/// drops what follows and marks the flow [`FLOW_BROKEN`], and userspace resets the
+/// connection. A kept segment that finds bytes for this socket's own peer queued
 /// in its psock waits behind them, charged to no buffer (net/core/skmsg.c,
 /// sk_psock_verdict_apply), so TCP keeps the sender's window open; when that peer reads
 /// nothing, the queue would grow without end.

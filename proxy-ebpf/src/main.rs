@@ -33,7 +33,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use proxy_common::{
     DEFAULT_BACKLOG_LIMIT, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, FLOW_BROKEN, FlowControl,
-    FlowState, SEQ_TRACKED, SEQ_UNKNOWN, hard_limit,
+    FlowState, KEPT_LIMIT, SEQ_TRACKED, SEQ_UNKNOWN, hard_limit,
 };
 
 #[map]
@@ -139,6 +139,20 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
         .redirected_bytes
         .saturating_sub(control.checkpoint_bytes);
     if flow.detached != 0 {
+        if flow.passed_bytes.saturating_sub(control.passed_moved) > KEPT_LIMIT {
+            // Kept bytes that find a backlog in this socket's psock queue wait there, charged
+            // to no buffer, so the window stays open: a bound here, not userspace's timing.
+            if logging() {
+                warn!(
+                    ctx,
+                    "flow {}: kept bytes passed the kept limit while its destination took nothing; the connection is reset",
+                    cookie
+                );
+            }
+            flow.seq_state = FLOW_BROKEN;
+            notify(cookie);
+            return Ok(SK_DROP);
+        }
         // Resume only behind every byte kept here: userspace has written all of them into
         // the peer, so this segment's redirect queues after them.
         if control.passed_moved != flow.passed_bytes || backlog_bound >= limit {

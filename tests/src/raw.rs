@@ -73,6 +73,27 @@ pub fn connect_from_v4(source: Ipv4Addr, to: SocketAddrV4) -> io::Result<std::ne
     Ok(std::net::TcpStream::from(socket))
 }
 
+/// A connection to `to` whose segments carry at most `mss` bytes each way (TCP_MAXSEG, set
+/// before the handshake): a real network's segment size over loopback.
+pub fn connect_with_mss(to: SocketAddrV4, mss: libc::c_int) -> io::Result<std::net::TcpStream> {
+    let socket = bound_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), false)?;
+    // SAFETY: mss is a valid c_int of the length given.
+    if unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            std::ptr::from_ref(&mss).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    connect(&socket, to)?;
+    Ok(std::net::TcpStream::from(socket))
+}
+
 /// listen(2) with the given backlog.
 pub fn listen(socket: OwnedFd, backlog: libc::c_int) -> io::Result<std::net::TcpListener> {
     // SAFETY: plain syscall on a socket we own.

@@ -66,6 +66,7 @@ cases!([kernel, auto, splice, copy] =>
     resources::a_client_that_never_reads_its_echo_is_held_within_bounds,
     memory::a_memory_limit_holds_never_readers_and_serves_others,
     memory::shedding_resets_the_biggest_holders_only,
+    memory::never_readers_on_small_segments_are_held_or_reset,
     parity::metrics_count_the_bytes_sent,
     parity::idle_timeout_counts_traffic_both_ways,
     parity::half_closed_timeout_ends_a_one_sided_connection,

@@ -10,7 +10,7 @@ use std::{
 };
 
 use integration_tests::{
-    Behaviour, Plane, Received, Relay, Upstream, available_kib, exchange, metric, payload,
+    Behaviour, Plane, Received, Relay, Upstream, available_kib, exchange, metric, payload, raw,
     socket_memory_on_ports, wait_until,
 };
 
@@ -210,6 +210,47 @@ pub fn a_memory_limit_holds_never_readers_and_serves_others(plane: Plane) {
         0,
         "{plane:?}: the well-behaved client's listener lost connections"
     );
+}
+
+/// What one never-reader on small segments may push before the test calls it unbounded: the
+/// relay takes at most its flow's backlog up to the hard limit and `KEPT_LIMIT` kept, each
+/// way, and the client's and the echo's own buffers hold the rest.
+const SMALL_SEGMENTS_CAP: usize = 384 << 20;
+
+/// Two clients that send to an echo and never read, in segments of a real network's size
+/// (1,448 bytes; loopback's are 64 KiB). A receive window cut to its least still admits
+/// one such segment per round trip, and once the reverse direction backs up into the
+/// client's socket, the bytes the program keeps wait in its psock queue charged to no
+/// buffer: without the program's own bound on them, each client pushed without end.
+pub fn never_readers_on_small_segments_are_held_or_reset(plane: Plane) {
+    let echo = Upstream::start(Behaviour::EchoBy(64 << 10));
+    let Some(relay) = Relay::start(plane, &echo.relay_target(), &[]) else {
+        return;
+    };
+    let SocketAddr::V4(addr) = relay.addr else {
+        panic!("the relay listens on IPv4 loopback")
+    };
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut stream = raw::connect_with_mss(addr, 1448).expect("connect");
+                send_until_held(&mut stream, SMALL_SEGMENTS_CAP, || {})
+            })
+        })
+        .collect();
+    for client in clients {
+        let sent = client.join().expect("never-reader thread");
+        eprintln!(
+            "{plane:?}: a never-reader on 1,448-byte segments pushed {} MiB, then: {}",
+            sent.bytes >> 20,
+            sent.ended
+        );
+        assert!(
+            sent.bytes < SMALL_SEGMENTS_CAP,
+            "{plane:?}: a never-reader pushed {} MiB unheld",
+            sent.bytes >> 20
+        );
+    }
 }
 
 /// Under a small limit, connections that hold almost nothing (chats between messages)

@@ -167,6 +167,10 @@ impl KernelConnection<'_> {
             // and a wait longer than the hard limit's worth would detach a flow whose
             // destination is keeping up.
             self.publish_checkpoint(flow, &measured)?;
+            // While this waits, the program may stop the source's flow (its kept bytes).
+            if let Some(stopped) = self.stopped_by_program(flow, &self.state(flow)) {
+                return Err(stopped);
+            }
             // A reset destination discards its backlog: it will never catch up.
             if sys::tcp_info(&flow.to.stream)
                 .map_err(FlowError::Destination)?

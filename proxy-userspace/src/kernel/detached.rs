@@ -7,7 +7,7 @@
 
 use std::{io, net::TcpStream, sync::atomic::Ordering, time::Duration};
 
-use proxy_common::KEPT_LIMIT;
+use proxy_common::{FLOW_BROKEN, FlowState, KEPT_LIMIT};
 use tracing::{debug, warn};
 
 use super::{
@@ -129,30 +129,61 @@ impl KernelConnection<'_> {
     }
 
     /// Returns once more than [`KEPT_LIMIT`] kept bytes wait in the kernel, unmoved: they
-    /// are charged to no buffer there, so nothing else would stop them growing.
+    /// are charged to no buffer there, so nothing else would stop them growing. The program
+    /// stops the flow at the same bound, whatever userspace is waiting for.
     async fn kept_overflow(&self, flow: Flow<'_>) -> FlowError {
         let mut poll = tokio::time::interval(KEPT_POLL);
         loop {
             poll.tick().await;
-            let waiting = self
-                .state(flow)
+            let state = self.state(flow);
+            if let Some(stopped) = self.stopped_by_program(flow, &state) {
+                return stopped;
+            }
+            let waiting = state
                 .passed_bytes
                 .saturating_sub(flow.ledger.passed_moved.load(Ordering::Acquire));
             if waiting > KEPT_LIMIT {
-                let total = self.plane.kept_resets.fetch_add(1, Ordering::Relaxed) + 1;
-                if let Some(since) = self.plane.kept_reset_notice.count() {
-                    warn!(
-                        "reset {since} connection(s) since the last notice, the latest because one end sent {} MiB that waited in the kernel while the other read nothing ({total} such resets in all; next notice in a minute at the earliest)",
-                        waiting >> 20
-                    );
-                }
-                return FlowError::Source(io::Error::other(format!(
-                    "{} MiB from this side wait in the kernel for a destination that reads nothing (the limit is {} MiB): reset rather than hold more",
-                    waiting >> 20,
-                    KEPT_LIMIT >> 20
-                )));
+                return self.kept_reset(waiting);
             }
         }
+    }
+
+    /// Why the connection must end, if the program stopped the flow ([`FLOW_BROKEN`]): more
+    /// than [`KEPT_LIMIT`] kept and unmoved, or a retransmission it could not trim.
+    pub(super) fn stopped_by_program(
+        &self,
+        flow: Flow<'_>,
+        state: &FlowState,
+    ) -> Option<FlowError> {
+        if state.seq_state != FLOW_BROKEN {
+            return None;
+        }
+        let waiting = state
+            .passed_bytes
+            .saturating_sub(flow.ledger.passed_moved.load(Ordering::Acquire));
+        if waiting > KEPT_LIMIT {
+            return Some(self.kept_reset(waiting));
+        }
+        Some(FlowError::Source(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a retransmitted segment repeats relayed bytes and could not be trimmed: reset rather than repeat or lose a byte",
+        )))
+    }
+
+    /// Counts and logs (at most once a minute) a reset for `waiting` kept bytes.
+    fn kept_reset(&self, waiting: u64) -> FlowError {
+        let total = self.plane.kept_resets.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(since) = self.plane.kept_reset_notice.count() {
+            warn!(
+                "reset {since} connection(s) since the last notice, the latest because one end sent {} MiB that waited in the kernel while the other read nothing ({total} such resets in all; next notice in a minute at the earliest)",
+                waiting >> 20
+            );
+        }
+        FlowError::Source(io::Error::other(format!(
+            "{} MiB from this side wait in the kernel for a destination that reads nothing (the limit is {} MiB): reset rather than hold more",
+            waiting >> 20,
+            KEPT_LIMIT >> 20
+        )))
     }
 
     /// Whether kept bytes wait in the source's psock backlog rather than its queue. A kept

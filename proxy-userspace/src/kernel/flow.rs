@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::{FLOW_BROKEN, FlowControl, FlowState};
+use proxy_common::{FlowControl, FlowState};
 use tracing::debug;
 
 use super::{
@@ -155,11 +155,8 @@ impl KernelConnection<'_> {
                 sys::socket_barrier(&from.stream).map_err(FlowError::Source)?;
             }
             let state = self.state(flow);
-            if state.seq_state == FLOW_BROKEN {
-                return Err(FlowError::Source(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "a retransmitted segment repeats relayed bytes and could not be trimmed: reset rather than repeat or lose a byte",
-                )));
+            if let Some(stopped) = self.stopped_by_program(flow, &state) {
+                return Err(stopped);
             }
             if state.detached != 0 {
                 debug!(

@@ -44,15 +44,18 @@ impl FlowMaps {
         self.flows.get(&cookie, 0).ok()
     }
 
-    /// How many bytes redirected from `cookie`'s socket may still wait in the kernel's
-    /// redirect queue: the program's bound (see FlowControl), 0 without a record.
+    /// How many bytes from `cookie`'s socket may still wait in the kernel outside any
+    /// buffer: the program's bound on its redirect queue (see FlowControl), plus what a
+    /// detached flow kept and userspace has not moved (they may wait in the psock's queue);
+    /// 0 without a record.
     pub fn backlog_bound(&self, cookie: u64) -> u64 {
         let (Some(state), Ok(control)) = (self.state(cookie), self.controls.get(&cookie, 0)) else {
             return 0;
         };
-        state
+        let redirected = state
             .redirected_bytes
-            .saturating_sub(control.checkpoint_bytes)
+            .saturating_sub(control.checkpoint_bytes);
+        redirected + state.passed_bytes.saturating_sub(control.passed_moved)
     }
 
     /// Creates both flows' records of a connection: its state and control per socket.
