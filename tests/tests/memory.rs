@@ -4,7 +4,8 @@
 
 use std::{
     io::{self, Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -216,6 +217,8 @@ pub fn a_memory_limit_holds_never_readers_and_serves_others(plane: Plane) {
 /// relay takes at most its flow's backlog up to the hard limit and `KEPT_LIMIT` kept, each
 /// way, and the client's and the echo's own buffers hold the rest.
 const SMALL_SEGMENTS_CAP: usize = 384 << 20;
+/// How long the test lets them push before it ends them itself.
+const SMALL_SEGMENTS_WITHIN: Duration = Duration::from_secs(30);
 
 /// Two clients that send to an echo and never read, in segments of a real network's size
 /// (1,448 bytes; loopback's are 64 KiB). A receive window cut to its least still admits
@@ -230,16 +233,38 @@ pub fn never_readers_on_small_segments_are_held_or_reset(plane: Plane) {
     let SocketAddr::V4(addr) = relay.addr else {
         panic!("the relay listens on IPv4 loopback")
     };
-    let clients: Vec<_> = (0..2)
+    let (done, results) = mpsc::channel();
+    let clients: Vec<TcpStream> = (0..2)
         .map(|_| {
+            let mut stream = raw::connect_with_mss(addr, 1448).expect("connect");
+            let watched = stream.try_clone().expect("clone the client");
+            let done = done.clone();
             thread::spawn(move || {
-                let mut stream = raw::connect_with_mss(addr, 1448).expect("connect");
-                send_until_held(&mut stream, SMALL_SEGMENTS_CAP, || {})
-            })
+                let _ = done.send(send_until_held(&mut stream, SMALL_SEGMENTS_CAP, || {}));
+            });
+            watched
         })
         .collect();
-    for client in clients {
-        let sent = client.join().expect("never-reader thread");
+    drop(done);
+    // The throttle's least window still lets a segment through now and then, so a client
+    // may neither be held for 2 s nor reset for minutes: what it pushed by then is the
+    // figure, and the test ends it.
+    let deadline = Instant::now() + SMALL_SEGMENTS_WITHIN;
+    let mut sent_by_each = Vec::new();
+    while sent_by_each.len() < clients.len() {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match results.recv_timeout(wait) {
+            Ok(sent) => sent_by_each.push(sent),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                for client in &clients {
+                    let _ = client.shutdown(Shutdown::Both);
+                }
+                sent_by_each.extend(results.iter());
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("a never-reader thread died"),
+        }
+    }
+    for sent in sent_by_each {
         eprintln!(
             "{plane:?}: a never-reader on 1,448-byte segments pushed {} MiB, then: {}",
             sent.bytes >> 20,
