@@ -46,6 +46,8 @@ pub struct ListenerMetrics {
     pub bytes_to_client: AtomicU64,
     /// Connections reset because the relay held too much memory (memory.rs).
     shed: AtomicU64,
+    /// Connections relayed to the listener's fallback: they did not open as it expects.
+    fallback: AtomicU64,
 }
 
 impl ListenerMetrics {
@@ -70,6 +72,14 @@ impl ListenerMetrics {
 
     pub fn shed(&self) -> u64 {
         self.shed.load(Ordering::Relaxed)
+    }
+
+    pub fn count_sent_to_fallback(&self) {
+        self.fallback.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn sent_to_fallback(&self) -> u64 {
+        self.fallback.load(Ordering::Relaxed)
     }
 
     pub fn add_bytes(&self, to_upstream: u64, to_client: u64) {

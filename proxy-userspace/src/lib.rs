@@ -13,6 +13,7 @@ mod limits;
 pub mod memory;
 pub mod metrics;
 mod notice;
+pub mod opening;
 pub mod proxy_protocol;
 mod server;
 mod sys;

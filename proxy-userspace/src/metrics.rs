@@ -104,6 +104,14 @@ impl Metrics {
                 .map(|l| (format!("{},reason=\"memory\"", listener(l)), l.shed())),
         );
         family(
+            "fallback_total",
+            "counter",
+            "Connections relayed to the listener's fallback: their first bytes were not what the listener expects.",
+            &mut listeners
+                .iter()
+                .map(|l| (listener(l), l.sent_to_fallback())),
+        );
+        family(
             "memory_held_bytes",
             "gauge",
             "What the relay holds for its connections, as last measured: socket queues, the kernel's redirect backlogs, userspace buffers.",

@@ -422,3 +422,93 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
 }
+
+/// An nginx (the Debian package) serving one page over plain HTTP in the foreground: what an
+/// operator puts behind the relay's fallback. Killed on drop.
+pub struct Site {
+    pub addr: SocketAddr,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Site {
+    /// The page every path of the site answers with.
+    pub const PAGE: &str = "an ordinary web site\n";
+
+    pub fn start(addr: SocketAddr) -> Self {
+        let dir = std::env::temp_dir().join(format!("ebpf-proxy-test-{}-site", std::process::id()));
+        std::fs::create_dir_all(dir.join("www")).expect("site directory");
+        std::fs::write(dir.join("www/index.html"), Self::PAGE).expect("site page");
+        let prefix = dir.display();
+        // One process as the test's user; every path nginx writes lies in `dir`.
+        let config = format!(
+            "daemon off; master_process off; pid {prefix}/nginx.pid; error_log stderr;
+events {{ worker_connections 256; }}
+http {{
+  access_log off; default_type text/html;
+  client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
+  fastcgi_temp_path {prefix}/fastcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
+  server {{ listen {addr}; root {prefix}/www; location / {{ try_files /index.html =404; }} }}
+}}
+"
+        );
+        std::fs::write(dir.join("nginx.conf"), config).expect("site config");
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run nginx (apt-get install nginx-light)");
+        let site = Self { addr, child, dir };
+        assert!(
+            wait_until(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()),
+            "nginx did not listen on {addr}"
+        );
+        site
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The v1 PROXY header a relay writes for an IPv4 client.
+pub fn v1(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    format!(
+        "PROXY TCP4 {} {} {} {}\r\n",
+        source.ip(),
+        destination.ip(),
+        source.port(),
+        destination.port()
+    )
+    .into_bytes()
+}
+
+/// Sends the client's half of a payload, half-closes, and checks the echo; the upstream
+/// closes its side after the echo, so the connection ends and its bytes are counted.
+pub fn echo_and_finish(
+    mut stream: impl Read + Write,
+    payload: &[u8],
+    shutdown: impl FnOnce(&mut dyn Write),
+) {
+    assert_eq!(echo_round_trip(&mut stream, payload), payload);
+    shutdown(&mut stream);
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "{} unexpected bytes after the echo",
+        rest.len()
+    );
+}
+
+pub fn tcp_shutdown(stream: &TcpStream) -> impl FnOnce(&mut dyn Write) + '_ {
+    move |_| stream.shutdown(Shutdown::Write).expect("half-close")
+}

@@ -10,6 +10,7 @@ mod flood;
 mod lifecycle;
 mod memory;
 mod parity;
+mod probing;
 mod reliability;
 mod resources;
 mod soak;
@@ -71,6 +72,7 @@ cases!([kernel, auto, splice, copy] =>
     parity::idle_timeout_counts_traffic_both_ways,
     parity::half_closed_timeout_ends_a_one_sided_connection,
     parity::a_client_that_stops_reading_is_closed_when_idle,
+    probing::probes_get_the_fallback_site_and_whatsapp_clients_their_pool,
     soak::soak_keeps_every_byte_and_leaks_nothing,
 );
 

@@ -12,22 +12,11 @@ use std::{
 
 use integration_tests::{
     Expect, Haproxy, HeaderEcho, Relay, TempFile, bpf_required, closed_by_peer, connect_from,
-    echo_round_trip, free_port, metric, operator_certificate, payload, relay_binary, run_to_exit,
-    s_client_echo, tls_client, wait_until,
+    echo_and_finish, echo_round_trip, free_port, metric, operator_certificate, payload,
+    relay_binary, run_to_exit, s_client_echo, tcp_shutdown, tls_client, v1, wait_until,
 };
 
 const WITHIN: Duration = Duration::from_secs(10);
-
-fn v1(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
-    format!(
-        "PROXY TCP4 {} {} {} {}\r\n",
-        source.ip(),
-        destination.ip(),
-        source.port(),
-        destination.port()
-    )
-    .into_bytes()
-}
 
 /// A v2 PROXY header for IPv4 endpoints, built by hand from the specification.
 fn v2(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
@@ -55,28 +44,6 @@ fn relay_with_config(config: &str, extra: &[&str]) -> (Relay, TempFile) {
     args.extend_from_slice(extra);
     let relay = Relay::spawn(&args).unwrap_or_else(|log| panic!("relay did not start:\n{log}"));
     (relay, file)
-}
-
-/// Sends the client's half of a payload, half-closes, and checks the echo; the upstream
-/// closes its side after the echo, so the connection ends and its bytes are counted.
-fn echo_and_finish(
-    mut stream: impl Read + Write,
-    payload: &[u8],
-    shutdown: impl FnOnce(&mut dyn Write),
-) {
-    assert_eq!(echo_round_trip(&mut stream, payload), payload);
-    shutdown(&mut stream);
-    let mut rest = Vec::new();
-    let _ = stream.read_to_end(&mut rest);
-    assert!(
-        rest.is_empty(),
-        "{} unexpected bytes after the echo",
-        rest.len()
-    );
-}
-
-fn tcp_shutdown(stream: &TcpStream) -> impl FnOnce(&mut dyn Write) + '_ {
-    move |_| stream.shutdown(Shutdown::Write).expect("half-close")
 }
 
 pub fn preset_port_table_end_to_end() {

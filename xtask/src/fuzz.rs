@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::run;
 
-pub const TARGETS: [&str; 2] = ["proxy_header", "config"];
+pub const TARGETS: [&str; 3] = ["proxy_header", "config", "opening"];
 
 pub fn fuzz(root: &Path, seconds: u32) -> Result<()> {
     let installed = Command::new("cargo")

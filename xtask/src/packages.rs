@@ -12,6 +12,8 @@ use crate::is_root;
 pub const FOR_TESTS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("haproxy", "haproxy"),
+    ("nginx", "nginx-light"),
+    ("curl", "curl"),
     ("openssl", "openssl"),
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
+    Expect,
     address::Upstream,
     settings::{
         LimitsSection, MetricsSection, RelaySection, Settings, TimeoutsSection, TlsSection,
@@ -93,6 +94,9 @@ pub struct ListenerSection {
     #[serde(default)]
     pub send_proxy: HeaderVersion,
     pub max_connections: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub expect: Expect,
+    pub fallback: Option<Spanned<Upstream>>,
 }
 
 /// Which PROXY protocol header a listener writes to its upstream.

@@ -14,6 +14,8 @@ use std::{
 
 pub use address::{Forward, ForwardError, MemoryLimit, Pin, Upstream, parse_duration};
 pub use file::{Balance, HeaderVersion};
+
+pub use crate::opening::Expect;
 pub use settings::{
     Limits, LimitsSection, MAX_CONNECTIONS, MetricsSection, RelaySection, Settings, Timeouts,
     TimeoutsSection, TlsSection,
@@ -128,6 +130,10 @@ pub struct ListenerConfig {
     pub tls: bool,
     pub send_proxy: HeaderVersion,
     pub max_connections: Option<u32>,
+    /// How its clients open their stream; with a fallback, what decides the route.
+    pub expect: Expect,
+    /// Index into `Config::pools` of the pool that clients opening otherwise go to.
+    pub fallback: Option<usize>,
 }
 
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -199,8 +205,12 @@ impl Builder<'_> {
             .map_err(|e| self.error(e.span(), e.message().trim().to_owned()))?;
         let (file_settings, pool_sections, listener_sections) = file.split();
         let settings = overrides.settings.clone().or(file_settings);
-        let (pools, listeners) =
-            self.pools_and_listeners(&pool_sections, &listener_sections, overrides)?;
+        let (pools, listeners) = self.pools_and_listeners(
+            &pool_sections,
+            &listener_sections,
+            overrides,
+            settings.relay.fallback.as_ref(),
+        )?;
         let limits = settings.limits.resolve();
         let tls = self.tls(&settings.tls)?;
         if listeners.is_empty() {
@@ -228,16 +238,28 @@ impl Builder<'_> {
         })
     }
 
-    /// The pools, then the listeners: the file's, each bound to `--bind` when given, and one
-    /// per `--forward` with a one-server pool, no headers and no TLS.
+    /// The pools, then the listeners: the file's, each bound to `--bind` when given and
+    /// falling back to its own fallback or `relay_fallback`, and one per `--forward` with a
+    /// one-server pool, no headers, no TLS and no fallback. Each fallback is a one-server
+    /// pool of its own, after the file's.
     fn pools_and_listeners(
         &self,
         pool_sections: &BTreeMap<String, file::PoolSection>,
         listener_sections: &[file::ListenerSection],
         overrides: &Overrides,
+        relay_fallback: Option<&Upstream>,
     ) -> Result<(Vec<PoolConfig>, Vec<ListenerConfig>), ConfigError> {
         let mut pools = Vec::new();
         let mut pool_index = BTreeMap::new();
+        let mut fallback_index = BTreeMap::new();
+        let mut fallback_pool = |pools: &mut Vec<PoolConfig>, upstream: &Upstream| {
+            *fallback_index
+                .entry(upstream.to_string())
+                .or_insert_with(|| {
+                    pools.push(one_server_pool(format!("fallback-{upstream}"), upstream));
+                    pools.len() - 1
+                })
+        };
         for (name, pool) in pool_sections {
             if pool.servers.get_ref().is_empty() {
                 return Err(self.error(
@@ -283,6 +305,17 @@ impl Builder<'_> {
                 }
                 n => n.as_ref().map(|n| *n.get_ref()),
             };
+            let fallback = match (&listener.fallback, listener.expect) {
+                (Some(own), Expect::Any) => {
+                    return Err(self.error(
+                        Some(own.span()),
+                        "a fallback needs expect = \"whatsapp\" or \"tls\": with \"any\" no client goes to it",
+                    ));
+                }
+                (Some(own), _) => Some(fallback_pool(&mut pools, own.get_ref())),
+                (None, Expect::Any) => None,
+                (None, _) => relay_fallback.map(|upstream| fallback_pool(&mut pools, upstream)),
+            };
             listeners.push((
                 Some(listener.listen.span()),
                 ListenerConfig {
@@ -293,6 +326,8 @@ impl Builder<'_> {
                     tls: listener.tls,
                     send_proxy: listener.send_proxy,
                     max_connections,
+                    expect: listener.expect,
+                    fallback,
                 },
             ));
         }
@@ -307,16 +342,14 @@ impl Builder<'_> {
                     tls: false,
                     send_proxy: HeaderVersion::None,
                     max_connections: None,
+                    expect: Expect::Any,
+                    fallback: None,
                 },
             ));
-            pools.push(PoolConfig {
-                name: format!("forward-{}", forward.listen),
-                servers: vec![forward.upstream.clone()],
-                balance: Balance::Failover,
-                health_interval: None,
-                health_timeout: DEFAULT_HEALTH_TIMEOUT,
-                resolve_interval: DEFAULT_RESOLVE_INTERVAL,
-            });
+            pools.push(one_server_pool(
+                format!("forward-{}", forward.listen),
+                &forward.upstream,
+            ));
         }
         let mut seen = HashSet::new();
         for (span, listener) in &listeners {
@@ -344,6 +377,18 @@ impl Builder<'_> {
                 "give both tls.cert and tls.key, or neither for a self-signed certificate",
             )),
         }
+    }
+}
+
+/// A pool of one server without health checks: a `--forward` rule's, or a fallback's.
+fn one_server_pool(name: String, server: &Upstream) -> PoolConfig {
+    PoolConfig {
+        name,
+        servers: vec![server.clone()],
+        balance: Balance::Failover,
+        health_interval: None,
+        health_timeout: DEFAULT_HEALTH_TIMEOUT,
+        resolve_interval: DEFAULT_RESOLVE_INTERVAL,
     }
 }
 
@@ -448,6 +493,59 @@ mod tests {
         assert_eq!(forward.send_proxy, HeaderVersion::None);
     }
 
+    #[test]
+    fn the_relay_fallback_reaches_the_files_listeners_not_forwards() {
+        let mut overrides = Overrides {
+            forwards: vec!["127.0.0.1:9000=localhost:22".parse().unwrap()],
+            ..Overrides::default()
+        };
+        overrides.settings.relay.fallback = Some("127.0.0.1:8080".parse().unwrap());
+        let config = from_text(Preset::Whatsapp.text(), &overrides).unwrap();
+        let (preset, forward) = config.listeners.split_at(8);
+        let fallback = preset[0]
+            .fallback
+            .expect("the preset's listeners fall back");
+        assert!(preset.iter().all(|l| l.fallback == Some(fallback)));
+        assert_eq!(
+            config.pools[fallback].servers[0].to_string(),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(
+            (forward[0].fallback, forward[0].expect),
+            (None, Expect::Any)
+        );
+        let expects: Vec<Expect> = preset.iter().map(|l| l.expect).collect();
+        assert_eq!(expects[..6], [Expect::Whatsapp; 6]);
+        assert_eq!(
+            expects[6..],
+            [Expect::Tls; 2],
+            "media ports carry the client's TLS"
+        );
+        // Without the setting nothing falls back.
+        let config = from_text(Preset::Whatsapp.text(), &Overrides::default()).unwrap();
+        assert!(config.listeners.iter().all(|l| l.fallback.is_none()));
+    }
+
+    #[test]
+    fn a_listeners_own_fallback_wins_and_any_never_falls_back() {
+        let text = "[relay]\nfallback = \"127.0.0.1:80\"\n[pools.p]\nservers = [\"a:1\"]\n\
+            [[listener]]\nlisten = \"127.0.0.1:1\"\npool = \"p\"\nfallback = \"[::1]:81\"\n\
+            [[listener]]\nlisten = \"127.0.0.1:2\"\npool = \"p\"\nexpect = \"any\"\n\
+            [[listener]]\nlisten = \"127.0.0.1:3\"\npool = \"p\"\n";
+        let config = from_text(text, &Overrides::default()).unwrap();
+        let server =
+            |l: &ListenerConfig| l.fallback.map(|i| config.pools[i].servers[0].to_string());
+        let servers: Vec<_> = config.listeners.iter().map(server).collect();
+        assert_eq!(
+            servers,
+            [
+                Some("[::1]:81".to_owned()),
+                None,
+                Some("127.0.0.1:80".to_owned())
+            ]
+        );
+    }
+
     /// Inputs kept in fuzz/regressions/config: each gives a configuration or an error whose
     /// line exists, never a panic.
     #[test]
@@ -500,6 +598,21 @@ mod tests {
             7,
             "listened on twice",
         );
+        check(
+            &format!(
+                "{pool}[[listener]]\nlisten = \"127.0.0.1:1\"\npool = \"p\"\nexpect = \"any\"\nfallback = \"a:80\"\n"
+            ),
+            7,
+            "a fallback needs expect",
+        );
+        check(
+            &format!(
+                "{pool}[[listener]]\nlisten = \"127.0.0.1:1\"\npool = \"p\"\nexpect = \"xmpp\"\n"
+            ),
+            6,
+            "unknown variant",
+        );
+        check("[relay]\nfallback = \"nowhere\"\n", 2, "is not HOST:PORT");
         check("[[listener]\n", 1, "");
         let e = from_text("", &Overrides::default()).unwrap_err();
         assert!(e.message.contains("no listeners"), "{e}");

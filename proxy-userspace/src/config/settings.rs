@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use super::{
     DataPlaneChoice,
-    address::{MemoryLimit, parse_duration, parse_memory_limit, seconds_to_duration},
+    address::{MemoryLimit, Upstream, parse_duration, parse_memory_limit, seconds_to_duration},
 };
 
 /// The sockhash holds two sockets per connection, and BPF map sizes are u32.
@@ -90,6 +90,12 @@ section! {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_CONNECTIONS as i64))]
         #[serde(default, deserialize_with = "connections")]
         pub map_connections: Option<u32>,
+        /// Where clients go whose first bytes are not what their listener expects (a
+        /// prober's HTTP request, a TLS ClientHello on a plain port, silence): HOST:PORT,
+        /// typically a web server with an ordinary site. Applies to the file's listeners
+        /// that set none of their own; never to --forward rules. Off by default.
+        #[arg(long, value_name = "HOST:PORT")]
+        pub fallback: Option<Upstream>,
     }
 }
 

@@ -1,5 +1,6 @@
 //! One listener's accept loop and one connection's life: per-IP limits, the PROXY header
-//! and TLS handshake (bounded by the handshake timeout), an upstream from the pool, the
+//! and TLS handshake (bounded by the handshake timeout), the route its first bytes decide
+//! when the listener has a fallback, an upstream from the pool (or the fallback), the
 //! header sent upstream, and the relay on the chosen data plane.
 
 use std::{
@@ -23,7 +24,7 @@ use tracing::{debug, info};
 
 use crate::{
     accept::{ACCEPT_BACKOFF, AcceptErrors},
-    config::{HeaderVersion, ListenerConfig, Timeouts},
+    config::{Expect, HeaderVersion, ListenerConfig, Timeouts},
     counters::{ListenerMetrics, Refusal},
     dataplane::{DataPlane, relay_streams},
     limits::ClientLimits,
@@ -33,6 +34,8 @@ use crate::{
     transfer::{ConnectionError, Handover, Supervision, Transfer},
     upstream::{ConnectError, Pool},
 };
+
+use super::routing::{self, Route};
 
 /// A value replaced as a whole on reload; readers take the current one.
 pub type Current<T> = Arc<RwLock<Arc<T>>>;
@@ -56,6 +59,8 @@ pub struct Shared {
 pub struct Listener {
     pub config: ListenerConfig,
     pub pool: Arc<Pool>,
+    /// Where clients go that do not open as the listener expects (`routing.rs`).
+    pub fallback: Option<Arc<Pool>>,
     pub metrics: Arc<ListenerMetrics>,
     pub listener_limit: Option<Arc<Semaphore>>,
 }
@@ -188,23 +193,59 @@ impl Connection {
             }
         }
         let Some(acceptor) = self.shared.tls.as_ref().filter(|_| config.tls) else {
-            return self.relay_plain(client, endpoints).await;
+            let route = match self.listener.fallback {
+                Some(_) => {
+                    match routing::peek_route(&client, config.expect, handshake_deadline).await {
+                        Ok(route) => route,
+                        Err(e) => return debug!("connection failed before relaying: {e}"),
+                    }
+                }
+                None => Route::Pool,
+            };
+            return self.relay_plain(client, endpoints, route).await;
         };
-        let client = match timeout_at(handshake_deadline, acceptor.accept(client)).await {
+        // What does not open with a ClientHello cannot be a client of this listener: the
+        // fallback gets it as it came, as a web server would have.
+        if self.listener.fallback.is_some() {
+            match routing::peek_route(&client, Expect::Tls, handshake_deadline).await {
+                Ok(Route::Pool) => {}
+                Ok(Route::Fallback) => {
+                    return self.relay_plain(client, endpoints, Route::Fallback).await;
+                }
+                Err(e) => return debug!("connection failed before relaying: {e}"),
+            }
+        }
+        let mut client = match timeout_at(handshake_deadline, acceptor.accept(client)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => return self.refuse(Refusal::TlsHandshake, &e),
             Err(_) => return self.refuse(Refusal::TlsHandshake, &"handshake not done in time"),
         };
-        let Some(upstream) = self.open_upstream(client.get_ref().0, endpoints).await else {
+        let (route, opening) = match self.listener.fallback {
+            Some(_) => {
+                match routing::read_route(&mut client, config.expect, handshake_deadline).await {
+                    Ok(read) => read,
+                    Err(e) => return debug!("connection failed before relaying: {e}"),
+                }
+            }
+            None => (Route::Pool, Vec::new()),
+        };
+        let Some(mut upstream) = self
+            .open_upstream(client.get_ref().0, endpoints, route)
+            .await
+        else {
             return;
         };
+        // What deciding the route read comes first.
+        if let Err(e) = upstream.write_all(&opening).await {
+            return debug!("connection failed before relaying: {e}");
+        }
         self.holding.watch(client.get_ref().0, &upstream);
         let sockets = (client.get_ref().0.as_raw_fd(), upstream.as_raw_fd());
         log_end(relay_streams(client, upstream, sockets, &self.supervision()).await);
     }
 
-    async fn relay_plain(&self, client: TcpStream, endpoints: Option<Endpoints>) {
-        let Some(upstream) = self.open_upstream(&client, endpoints).await else {
+    async fn relay_plain(&self, client: TcpStream, endpoints: Option<Endpoints>, route: Route) {
+        let Some(upstream) = self.open_upstream(&client, endpoints, route).await else {
             return;
         };
         self.holding.watch(&client, &upstream);
@@ -244,17 +285,26 @@ impl Connection {
         }
     }
 
-    /// Connects to the pool and writes the configured PROXY header; on failure the client
-    /// is reset and None returned.
+    /// Connects to the pool, or the fallback, and writes the configured PROXY header (never
+    /// to the fallback, an ordinary server); on failure the client is reset and None
+    /// returned.
     async fn open_upstream(
         &self,
         client: &TcpStream,
         endpoints: Option<Endpoints>,
+        route: Route,
     ) -> Option<TcpStream> {
+        let (pool, send_proxy) = match (route, &self.listener.fallback) {
+            (Route::Fallback, Some(fallback)) => {
+                self.listener.metrics.count_sent_to_fallback();
+                (fallback, HeaderVersion::None)
+            }
+            _ => (&self.listener.pool, self.listener.config.send_proxy),
+        };
         let limit = self.shared.timeouts.connect;
         let deadline = Instant::now() + limit;
         let mut upstream = loop {
-            match self.listener.pool.connect(limit).await {
+            match pool.connect(limit).await {
                 Ok(upstream) => break upstream,
                 // Out of descriptors: wait for some to free up, as accepting does.
                 Err(ConnectError::Local(_)) if Instant::now() + ACCEPT_BACKOFF < deadline => {
@@ -268,7 +318,6 @@ impl Connection {
             }
         };
         let _ = upstream.set_nodelay(true);
-        let send_proxy = self.listener.config.send_proxy;
         // getsockname only when a header is sent and the client did not name the addresses.
         let endpoints = match (send_proxy, endpoints) {
             (HeaderVersion::None, _) => None,

@@ -2,6 +2,7 @@
 //! configuration on reload (SIGHUP), and stop either at once or after draining (SIGTERM).
 
 mod connection;
+mod routing;
 
 use std::{
     collections::HashMap,
@@ -322,6 +323,7 @@ impl Relay {
         };
         Arc::new(Listener {
             pool: Arc::clone(&self.pools[config.pool]),
+            fallback: config.fallback.map(|pool| Arc::clone(&self.pools[pool])),
             config,
             metrics,
             listener_limit,
@@ -540,10 +542,19 @@ fn log_listener(listener: &Listener, local: SocketAddr, plane: &DataPlane) {
         .iter()
         .map(|s| s.upstream.to_string())
         .collect();
+    let fallback = listener.fallback.as_ref().map(|pool| {
+        let servers: Vec<String> = pool
+            .servers()
+            .iter()
+            .map(|s| s.upstream.to_string())
+            .collect();
+        format!(", other openings to {}", servers.join(", "))
+    });
     info!(
-        "listening on {local} -> pool {} [{}]{}{}{} (dataplane {})",
+        "listening on {local} -> pool {} [{}]{}{}{}{} (dataplane {})",
         listener.pool.name,
         servers.join(", "),
+        fallback.unwrap_or_default(),
         if config.accept_proxy {
             ", accepts PROXY"
         } else {
