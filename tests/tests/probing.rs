@@ -100,25 +100,41 @@ pub fn probes_get_the_fallback_site_and_whatsapp_clients_their_pool(plane: Plane
         assert_eq!(fell_back(&relay, port), 1, "port {port}");
     }
 
-    // The chat prologue, with and without an edge-routing prefix, reaches the chat pool
-    // byte for byte; on the plain ports the connection is in the kernel's map.
+    // The chat prologue, with and without an edge-routing prefix, reaches its pool byte for
+    // byte on every port, with the header it is due; on the plain ports without a PROXY
+    // header the connection is in the kernel's map.
     let data = payload(21, 256 * 1024);
     let prologue = [
         b"WA\x06\x05".to_vec(),
         b"ED\x00\x01\x00\x00\x03abcWA\x06\x03".to_vec(),
     ];
-    for (port, upstream) in [(80, &chat_http), (5222, &chat)] {
+    // What a load balancer in front of 8080, 8222 and 8443 says about the real client.
+    let claimed = (
+        "198.51.100.7:40001".parse::<SocketAddr>().unwrap(),
+        "203.0.113.9:443".parse::<SocketAddr>().unwrap(),
+    );
+    let header = v1(claimed.0, claimed.1);
+    for (port, upstream, accepts_proxy) in [
+        (80, &chat_http, false),
+        (8080, &chat_http, true),
+        (5222, &chat, false),
+        (8222, &chat, true),
+    ] {
         for opening in &prologue {
             let stream = TcpStream::connect(at(port)).expect("connect");
             let client = stream.local_addr().unwrap();
             let sent = [opening.as_slice(), &data].concat();
-            assert_eq!(echo_round_trip(&mut &stream, &sent), sent);
-            assert_eq!(
-                upstream.next_header(WITHIN),
-                v1(client, at(port)),
-                "port {port}"
-            );
-            if plane == Plane::Kernel {
+            let (first, expected) = match accepts_proxy {
+                true => ([header.as_slice(), &sent].concat(), header.clone()),
+                false => (sent.clone(), v1(client, at(port))),
+            };
+            (&stream).write_all(&first).unwrap();
+            let mut back = vec![0u8; sent.len()];
+            (&stream).read_exact(&mut back).unwrap();
+            assert!(back == sent, "port {port}: the echo differs");
+            assert_eq!(upstream.next_header(WITHIN), expected, "port {port}");
+            // Where no header was read, nothing was: the connection is in the kernel.
+            if plane == Plane::Kernel && !accepts_proxy {
                 assert!(
                     wait_until(WITHIN, || relay.status().sockets_in_map == Some(2)),
                     "port {port}: the connection is not in the kernel's map"
@@ -127,22 +143,36 @@ pub fn probes_get_the_fallback_site_and_whatsapp_clients_their_pool(plane: Plane
             echo_and_finish(&stream, b"", tcp_shutdown(&stream));
         }
     }
-    // Inside TLS on 443.
-    let stream = TcpStream::connect(at(443)).expect("connect");
-    let client = stream.local_addr().unwrap();
-    let mut tls = tls_client(stream);
-    let sent = [prologue[0].as_slice(), &data[..64 * 1024]].concat();
-    assert_eq!(echo_round_trip(&mut tls, &sent), sent);
-    // close_notify ends the TLS stream; the relay half-closes the upstream on it.
-    tls.conn.send_close_notify();
-    tls.flush().unwrap();
-    let _ = tls.read_to_end(&mut Vec::new());
-    assert_eq!(chat.next_header(WITHIN), v1(client, at(443)));
-    // A ClientHello on the media port reaches the media pool, with no header.
+    // Inside TLS: on 443, and on 8443 after a PROXY header.
+    for (port, accepts_proxy) in [(443, false), (8443, true)] {
+        let mut stream = TcpStream::connect(at(port)).expect("connect");
+        let client = stream.local_addr().unwrap();
+        if accepts_proxy {
+            stream.write_all(&header).unwrap();
+        }
+        let mut tls = tls_client(stream);
+        let sent = [prologue[0].as_slice(), &data[..64 * 1024]].concat();
+        assert!(
+            echo_round_trip(&mut tls, &sent) == sent,
+            "port {port}: the echo differs"
+        );
+        // close_notify ends the TLS stream; the relay half-closes the upstream on it.
+        tls.conn.send_close_notify();
+        tls.flush().unwrap();
+        let _ = tls.read_to_end(&mut Vec::new());
+        let expected = match accepts_proxy {
+            true => header.clone(),
+            false => v1(client, at(port)),
+        };
+        assert_eq!(chat.next_header(WITHIN), expected, "port {port}");
+    }
+    // A ClientHello on the media ports reaches the media pool, with no header.
     let hello = [&b"\x16\x03\x01\x02\x00\x01"[..], &data[..4096]].concat();
-    let stream = TcpStream::connect(at(587)).expect("connect");
-    echo_and_finish(&stream, &hello, tcp_shutdown(&stream));
-    assert_eq!(media.next_header(WITHIN), b"");
+    for port in [587, 7777] {
+        let stream = TcpStream::connect(at(port)).expect("connect");
+        echo_and_finish(&stream, &hello, tcp_shutdown(&stream));
+        assert_eq!(media.next_header(WITHIN), b"", "port {port}");
+    }
 
     // A silent probe and one that stops inside the prologue go to the site when the
     // handshake timeout passes; the silent one then gets the page for its request.
