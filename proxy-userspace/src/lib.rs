@@ -14,6 +14,7 @@ pub mod memory;
 pub mod metrics;
 mod notice;
 pub mod opening;
+mod peek;
 pub mod proxy_protocol;
 mod server;
 mod sys;

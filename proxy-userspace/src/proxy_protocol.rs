@@ -1,12 +1,15 @@
 //! The PROXY protocol (v1 text, v2 binary), parsed and built with the `ppp` crate: read
 //! exactly one header from a client, and write one to an upstream.
 
-use std::{io, net::SocketAddr, os::fd::AsRawFd};
+use std::{io, net::SocketAddr};
 
 use ppp::{HeaderResult, PartialResult, v1, v2};
-use tokio::{io::AsyncReadExt, io::Interest, net::TcpStream};
+use tokio::{io::AsyncReadExt, net::TcpStream};
 
-use crate::{config::HeaderVersion, sys};
+use crate::{
+    config::HeaderVersion,
+    peek::{Peeked, peek_until},
+};
 
 /// The longest header accepted: v2's 16 fixed bytes, IPv6 addresses and room for TLVs.
 /// Longer ones are refused rather than buffered.
@@ -127,20 +130,18 @@ fn v1_endpoints(addresses: v1::Addresses) -> Option<Endpoints> {
 /// stays in the socket's receive queue. The caller bounds the time it may take.
 pub async fn read_header(stream: &mut TcpStream) -> Result<Option<Endpoints>, HeaderError> {
     let mut buf = vec![0u8; MAX_HEADER];
-    // Peek until the bytes so far form a header: nothing is consumed, and each new segment
-    // wakes this up again (WouldBlock clears readiness until more data comes).
-    let parsed = stream
-        .async_io(Interest::READABLE, || {
-            let n = sys::peek_nonblocking(&stream.as_raw_fd(), &mut buf)?;
-            match parse(&buf[..n]) {
-                _ if n == 0 => Ok(Err(HeaderError::Closed)),
-                Parsed::Incomplete if n == buf.len() => Ok(Err(HeaderError::TooLong)),
-                Parsed::Incomplete => Err(io::ErrorKind::WouldBlock.into()),
-                Parsed::Malformed(why) => Ok(Err(HeaderError::Malformed(why))),
-                Parsed::Complete(len, endpoints) => Ok(Ok((len, endpoints))),
-            }
-        })
-        .await??;
+    // Peek until the bytes so far form a header: nothing past it is consumed.
+    let parsed = peek_until(stream, &mut buf, |bytes, finished| match parse(bytes) {
+        _ if bytes.is_empty() && finished => Peeked::Decided(Err(HeaderError::Closed)),
+        Parsed::Incomplete if finished => Peeked::Decided(Err(HeaderError::Closed)),
+        Parsed::Incomplete if bytes.len() == MAX_HEADER => {
+            Peeked::Decided(Err(HeaderError::TooLong))
+        }
+        Parsed::Incomplete => Peeked::NeedMore(bytes.len() + 1),
+        Parsed::Malformed(why) => Peeked::Decided(Err(HeaderError::Malformed(why))),
+        Parsed::Complete(len, endpoints) => Peeked::Decided(Ok((len, endpoints))),
+    })
+    .await??;
     let (len, endpoints) = parsed;
     stream.read_exact(&mut buf[..len]).await?;
     Ok(endpoints)
@@ -289,5 +290,24 @@ mod tests {
             replayed += 1;
         }
         assert!(replayed > 0);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_inside_its_header_is_done_at_once() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        client.write_all(b"PROXY TCP4 192.0.2.1").await.unwrap();
+        client.shutdown().await.unwrap();
+        // Before, the FIN kept the socket readable and the peek loop spun until the
+        // handshake timeout; now the FIN decides.
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            read_header(&mut accepted),
+        );
+        assert!(matches!(read.await, Ok(Err(HeaderError::Closed))));
     }
 }

@@ -1,7 +1,7 @@
 //! Where a connection goes on a listener with a fallback: its first bytes decide
-//! (`opening.rs`). On a plain socket they are peeked, so the chosen data plane still finds
-//! every byte in the receive queue; inside TLS they are read, and written to the chosen
-//! upstream before the relay starts.
+//! (`opening.rs`). On a plain socket they are peeked (`peek.rs`), so the chosen data plane
+//! still finds every byte in the receive queue; inside TLS they are read, and written to the
+//! chosen upstream before the relay starts.
 
 use std::io;
 
@@ -13,7 +13,7 @@ use tokio::{
 
 use crate::{
     opening::{Expect, MAX_OPENING, Opening, classify},
-    sys,
+    peek::{Peeked, peek_until},
 };
 
 /// Where a connection goes.
@@ -36,44 +36,24 @@ impl Route {
 }
 
 /// Peeks at `client`'s receive queue until its first bytes decide, or `deadline` passes.
-/// Nothing is consumed. While more bytes are needed, SO_RCVLOWAT asks the kernel to wake
-/// this only once they are in; it is back at 1 on return, since it also gates the wakeup
-/// the verdict program runs from.
+/// Nothing is consumed.
 pub async fn peek_route(
     client: &TcpStream,
     expect: Expect,
     deadline: Instant,
 ) -> io::Result<Route> {
     let mut buf = vec![0u8; MAX_OPENING];
-    let opening = timeout_at(deadline, peek_opening(client, expect, &mut buf)).await;
-    sys::set_receive_low_water(client, 1)?;
-    match opening {
-        Ok(opening) => opening.map(Route::of),
-        Err(_elapsed) => Ok(Route::Fallback),
-    }
-}
-
-async fn peek_opening(client: &TcpStream, expect: Expect, buf: &mut [u8]) -> io::Result<Opening> {
-    loop {
-        let ready = client.ready(tokio::io::Interest::READABLE).await?;
-        // WouldBlock clears the readiness seen, so the next wait lasts until more bytes (or
-        // the FIN) come. tokio never clears a FIN: `ready` shows it once it came.
-        let peeked = client.try_io(tokio::io::Interest::READABLE, || {
-            let n = sys::peek_nonblocking(client, buf)?;
-            match classify(expect, &buf[..n]) {
-                Opening::NeedMore(_) if n == 0 || ready.is_read_closed() => Ok(Opening::Other),
-                Opening::NeedMore(wanted) => {
-                    sys::set_receive_low_water(client, wanted as libc::c_int)?;
-                    Err(io::ErrorKind::WouldBlock.into())
-                }
-                decided => Ok(decided),
-            }
-        });
-        match peeked {
-            Ok(opening) => return Ok(opening),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+    let peeked = peek_until(client, &mut buf, |bytes, finished| {
+        match classify(expect, bytes) {
+            // A client that stopped short of an opening cannot be one of ours.
+            Opening::NeedMore(_) if finished => Peeked::Decided(Route::Fallback),
+            Opening::NeedMore(wanted) => Peeked::NeedMore(wanted),
+            decided => Peeked::Decided(Route::of(decided)),
         }
+    });
+    match timeout_at(deadline, peeked).await {
+        Ok(route) => route,
+        Err(_elapsed) => Ok(Route::Fallback),
     }
 }
 
@@ -117,6 +97,7 @@ mod tests {
     use tokio::{io::AsyncWriteExt, net::TcpListener};
 
     use super::*;
+    use crate::sys;
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
