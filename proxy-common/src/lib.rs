@@ -90,7 +90,8 @@ pub struct FlowState {
     /// kernel queues it whole; its repeated head is trimmed off by comparing with this.
     pub next_seq: u32,
     /// Non-zero once [`FlowState::next_seq`] holds a value (from the first segment seen);
-    /// [`FLOW_BROKEN`] when a repeated head could not be trimmed, and the flow stopped.
+    /// [`FLOW_BROKEN`] when a repeated head could not be trimmed, [`FLOW_OVER_KEPT_LIMIT`]
+    /// when too much was kept: either way the flow stopped.
     pub seq_state: u32,
     /// Times the flow detached, and resumed redirecting after userspace moved what it kept.
     pub detachments: u32,
@@ -105,6 +106,16 @@ pub const SEQ_TRACKED: u32 = 1;
 /// trimmed; it was dropped and userspace must end the connection rather than lose or
 /// repeat a byte.
 pub const FLOW_BROKEN: u32 = 2;
+/// [`FlowState::seq_state`]: a detached flow kept more than [`KEPT_LIMIT`] bytes that
+/// userspace had not moved; the program dropped what followed and userspace must reset the
+/// connection. Apart from [`FLOW_BROKEN`], so that userspace names the reason the program
+/// saw, not one it would infer from counts that may have moved since.
+pub const FLOW_OVER_KEPT_LIMIT: u32 = 3;
+
+/// Whether the program stopped the flow: userspace must end the connection.
+pub const fn flow_stopped(seq_state: u32) -> bool {
+    seq_state == FLOW_BROKEN || seq_state == FLOW_OVER_KEPT_LIMIT
+}
 
 /// What userspace tells the program about one flow. Written only by userspace; the fields
 /// after `passed_moved`, and the ports, are for people (`ebpf-proxy flows`, bpftool), and

@@ -32,8 +32,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use proxy_common::{
-    DEFAULT_BACKLOG_LIMIT, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, FLOW_BROKEN, FlowControl,
-    FlowState, KEPT_LIMIT, SEQ_TRACKED, SEQ_UNKNOWN, hard_limit,
+    DEFAULT_BACKLOG_LIMIT, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, FLOW_BROKEN,
+    FLOW_OVER_KEPT_LIMIT, FlowControl, FlowState, KEPT_LIMIT, SEQ_TRACKED, SEQ_UNKNOWN,
+    flow_stopped, hard_limit,
 };
 
 #[map]
@@ -90,11 +91,11 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
     let flow = unsafe { &mut *flow };
     // SAFETY: read-only view of a userspace-owned value.
     let control = unsafe { RELAY_CONTROLS.get(cookie) }.ok_or(())?;
-    if ctx.len() == 0 || flow.seq_state == FLOW_BROKEN {
+    if ctx.len() == 0 || flow_stopped(flow.seq_state) {
         // A bare FIN reaches the verdict as an empty skb. Redirected, the peer's backlog
         // worker sends zero bytes, takes that for a broken pipe and fails the peer (EPIPE).
         // The FIN itself is already recorded in the socket state; dropping loses no byte.
-        // A broken flow is being reset by userspace: nothing more goes on.
+        // A stopped flow is being reset by userspace: nothing more goes on.
         return Ok(SK_DROP);
     }
     let trimmed_before = flow.trimmed_bytes;
@@ -149,7 +150,7 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
                     cookie
                 );
             }
-            flow.seq_state = FLOW_BROKEN;
+            flow.seq_state = FLOW_OVER_KEPT_LIMIT;
             notify(cookie);
             return Ok(SK_DROP);
         }

@@ -421,6 +421,20 @@ fn summarize(body: &str) -> String {
             }
         );
     }
+    let sent_to_fallback: Vec<String> = listeners
+        .iter()
+        .filter_map(|l| {
+            let n = value("fallback_total", l, None);
+            (n > 0).then(|| format!("{l} {n}"))
+        })
+        .collect();
+    if !sent_to_fallback.is_empty() {
+        let _ = writeln!(
+            out,
+            "sent to the fallback (opened otherwise than WhatsApp): {}",
+            sent_to_fallback.join(", ")
+        );
+    }
     for (name, labels, up) in &samples {
         if *name == "upstream_up" {
             let _ = writeln!(
@@ -463,6 +477,7 @@ mod tests {
         web.open.store(2, Ordering::Relaxed);
         web.add_bytes(1000, 3 << 20);
         web.refuse(Refusal::PerIpRate);
+        web.count_sent_to_fallback();
         let metrics = Metrics {
             listeners: RwLock::new(vec![web]),
             pools: RwLock::default(),
@@ -472,8 +487,14 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("ebpf_proxy_bytes_total{listener=\"0.0.0.0:443\",direction=\"client_to_upstream\"} 1000"), "{text}");
         assert!(text.contains("ebpf_proxy_connections_refused_total{listener=\"0.0.0.0:443\",reason=\"per_ip_rate\"} 1"));
+        assert!(text.contains("ebpf_proxy_fallback_total{listener=\"0.0.0.0:443\"} 1"));
         let summary = summarize(&text);
         assert!(summary.contains("data plane: copy"), "{summary}");
+        assert!(
+            summary
+                .contains("sent to the fallback (opened otherwise than WhatsApp): 0.0.0.0:443 1"),
+            "{summary}"
+        );
         assert!(
             summary.contains("memory held for connections: 0 B of a 256.0 MiB limit"),
             "{summary}"

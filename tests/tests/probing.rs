@@ -13,7 +13,7 @@ use std::{
 
 use integration_tests::{
     Expect, HeaderEcho, Plane, Relay, Site, bpf_required, echo_and_finish, echo_round_trip, metric,
-    payload, tcp_shutdown, tls_client, v1, wait_until,
+    payload, relay_binary, tcp_shutdown, tls_client, v1, wait_until,
 };
 
 const WITHIN: Duration = Duration::from_secs(10);
@@ -99,6 +99,20 @@ pub fn probes_get_the_fallback_site_and_whatsapp_clients_their_pool(plane: Plane
     for port in [80, 5222, 443, 587] {
         assert_eq!(fell_back(&relay, port), 1, "port {port}");
     }
+    // `ebpf-proxy status` shows the same for a person.
+    let metrics = relay.metrics.unwrap().to_string();
+    let status = Command::new(relay_binary())
+        .args(["status", "--metrics", &metrics])
+        .output()
+        .expect("run status");
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains(
+            "sent to the fallback (opened otherwise than WhatsApp): 127.0.0.1:80 1, \
+             127.0.0.1:443 1, 127.0.0.1:587 1, 127.0.0.1:5222 1"
+        ),
+        "{status}"
+    );
 
     // The chat prologue, with and without an edge-routing prefix, reaches its pool byte for
     // byte on every port, with the header it is due; on the plain ports without a PROXY

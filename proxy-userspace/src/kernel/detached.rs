@@ -7,7 +7,7 @@
 
 use std::{io, net::TcpStream, sync::atomic::Ordering, time::Duration};
 
-use proxy_common::{FLOW_BROKEN, FlowState, KEPT_LIMIT};
+use proxy_common::{FLOW_BROKEN, FLOW_OVER_KEPT_LIMIT, FlowState, KEPT_LIMIT};
 use tracing::{debug, warn};
 
 use super::{
@@ -148,29 +148,29 @@ impl KernelConnection<'_> {
         }
     }
 
-    /// Why the connection must end, if the program stopped the flow ([`FLOW_BROKEN`]): more
+    /// Why the connection must end, if the program stopped the flow ([`FLOW_BROKEN`],
+    /// [`FLOW_OVER_KEPT_LIMIT`]): more
     /// than [`KEPT_LIMIT`] kept and unmoved, or a retransmission it could not trim.
     pub(super) fn stopped_by_program(
         &self,
         flow: Flow<'_>,
         state: &FlowState,
     ) -> Option<FlowError> {
-        if state.seq_state != FLOW_BROKEN {
-            return None;
+        match state.seq_state {
+            FLOW_OVER_KEPT_LIMIT => {
+                let waiting = state
+                    .passed_bytes
+                    .saturating_sub(flow.ledger.passed_moved.load(Ordering::Acquire));
+                Some(self.kept_reset(waiting))
+            }
+            FLOW_BROKEN => Some(FlowError::Source(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a retransmitted segment repeats relayed bytes and could not be trimmed: reset rather than repeat or lose a byte",
+            ))),
+            _ => None,
         }
-        let waiting = state
-            .passed_bytes
-            .saturating_sub(flow.ledger.passed_moved.load(Ordering::Acquire));
-        if waiting > KEPT_LIMIT {
-            return Some(self.kept_reset(waiting));
-        }
-        Some(FlowError::Source(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "a retransmitted segment repeats relayed bytes and could not be trimmed: reset rather than repeat or lose a byte",
-        )))
     }
 
-    /// Counts and logs (at most once a minute) a reset for `waiting` kept bytes.
     fn kept_reset(&self, waiting: u64) -> FlowError {
         let total = self.plane.kept_resets.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(since) = self.plane.kept_reset_notice.count() {
