@@ -3,6 +3,7 @@
 //! TLS, upstream pools) and tears them down.
 
 mod accept;
+pub mod acme;
 pub mod cli;
 pub mod config;
 pub mod counters;

@@ -56,8 +56,10 @@ async fn main() -> ExitCode {
 /// keeps asking.
 async fn check(source: Source) -> anyhow::Result<()> {
     let config = Config::load(&source, &Overrides::default())?;
-    if let TlsSource::Files { .. } = config.tls {
-        ebpf_proxy::tls::acceptor(&config.tls)?;
+    match &config.tls {
+        TlsSource::Files { cert, key } => ebpf_proxy::tls::check_files(cert, key)?,
+        TlsSource::Acme(acme) => ebpf_proxy::acme::check(acme)?,
+        TlsSource::SelfSigned => {}
     }
     let Source::File(path) = source else {
         unreachable!("check reads files")

@@ -1,6 +1,7 @@
 //! Helpers for the integration tests: start the real `ebpf-proxy` binary, run real TCP
 //! peers against it over loopback, and read what the kernel says about the process.
 
+pub mod pebble;
 pub mod peers;
 pub mod proxied;
 pub mod raw;

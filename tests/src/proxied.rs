@@ -172,7 +172,7 @@ pub fn tls_client(stream: TcpStream) -> StreamOwned<ClientConnection, TcpStream>
 }
 
 #[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct AnyCertificate(pub(crate) Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(

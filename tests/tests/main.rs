@@ -5,6 +5,7 @@
 //! control plane alone (flags, configuration, signals) takes none. Kernel-mode cases skip
 //! unless BPF loads, or fail when PROXY_REQUIRE_BPF=1.
 
+mod acme;
 mod cli;
 mod flood;
 mod lifecycle;
@@ -100,6 +101,8 @@ cases!([splice] => parity::per_ip_limits_refuse_only_the_extra_connection);
 // The control plane: flags, configuration, peers' headers and TLS, signals, reload and
 // resources; each picks the data plane it needs, if any.
 cases!([] =>
+    acme::acme_certificate_from_pebble_is_served_and_kept_across_restarts,
+    acme::acme_tls_alpn_validation_and_renewal_keep_connections,
     cli::malformed_forward_is_a_usage_error,
     cli::port_in_use_says_so,
     cli::a_name_that_does_not_resolve_yet_delays_nothing_but_its_pool,

@@ -15,6 +15,7 @@ pub const FOR_TESTS: &[(&str, &str)] = &[
     ("nginx", "nginx-light"),
     ("curl", "curl"),
     ("openssl", "openssl"),
+    ("pebble", "pebble"),
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),
     ("unshare", "util-linux"),

@@ -1,6 +1,7 @@
 //! What the relay runs: listeners, upstream pools, TLS, limits, timeouts and metrics,
 //! built from a TOML file or a preset, plus `--forward` rules and command-line overrides.
 
+mod acme;
 pub mod address;
 mod file;
 mod settings;
@@ -12,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+pub use acme::{AcmeConfig, DEFAULT_STATE_DIR, LETS_ENCRYPT};
 pub use address::{Forward, ForwardError, MemoryLimit, Pin, Upstream, parse_duration};
 pub use file::{Balance, HeaderVersion};
 
@@ -100,12 +102,14 @@ pub struct Config {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TlsSource {
-    /// A self-signed certificate with random names, made at start.
+    /// A self-signed certificate, made at start.
     SelfSigned,
     Files {
         cert: PathBuf,
         key: PathBuf,
     },
+    /// From an ACME CA, renewed while running; self-signed until the first arrives.
+    Acme(AcmeConfig),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,11 +216,17 @@ impl Builder<'_> {
             settings.relay.fallback.as_ref(),
         )?;
         let limits = settings.limits.resolve();
-        let tls = self.tls(&settings.tls)?;
+        let tls = self.tls(&settings.tls, settings.relay.state_dir.as_ref())?;
         if listeners.is_empty() {
             return Err(self.error(
                 None,
                 "no listeners: add [[listener]] sections, or give --forward or --preset",
+            ));
+        }
+        if matches!(tls, TlsSource::Acme(_)) && !listeners.iter().any(|l| l.tls) {
+            return Err(self.error(
+                None,
+                "ACME certificates are for TLS listeners, and none has tls = true",
             ));
         }
         let relay = &settings.relay;
@@ -364,7 +374,10 @@ impl Builder<'_> {
         Ok((pools, listeners.into_iter().map(|(_, l)| l).collect()))
     }
 
-    fn tls(&self, tls: &TlsSection) -> Result<TlsSource, ConfigError> {
+    fn tls(&self, tls: &TlsSection, state_dir: Option<&PathBuf>) -> Result<TlsSource, ConfigError> {
+        if let Some(acme) = acme::acme(tls, state_dir).map_err(|(at, e)| self.error(at, e))? {
+            return Ok(TlsSource::Acme(acme));
+        }
         match (&tls.cert, &tls.key) {
             (Some(cert), Some(key)) => Ok(TlsSource::Files {
                 cert: cert.get_ref().clone(),

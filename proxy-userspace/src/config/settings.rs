@@ -96,6 +96,9 @@ section! {
         /// that set none of their own; never to --forward rules. Off by default.
         #[arg(long, value_name = "HOST:PORT")]
         pub fallback: Option<Upstream>,
+        /// Where the relay keeps what must outlive it: the ACME account and certificates.
+        #[arg(long, value_name = "DIR")]
+        pub state_dir: Option<PathBuf>,
     }
 }
 
@@ -161,6 +164,20 @@ section! {
         /// PEM private key for --tls-cert.
         #[arg(long = "tls-key", id = "tls_key", value_name = "FILE", requires = "tls_cert", value_parser = flag_value::<PathBuf>)]
         pub key: Option<Spanned<PathBuf>>,
+        /// Get the TLS listeners' certificate for NAME from an ACME CA (Let's Encrypt by
+        /// default) and renew it while running; the CA validates on port 443 (TLS-ALPN-01).
+        /// Repeatable: one certificate holds every name.
+        #[arg(long = "acme-domain", id = "acme_domain", value_name = "NAME", value_parser = flag_value::<String>)]
+        pub acme_domains: Option<Vec<Spanned<String>>>,
+        /// The ACME CA's directory URL (default: Let's Encrypt's).
+        #[arg(long = "acme-directory", value_name = "URL", requires = "acme_domain", value_parser = flag_value::<String>)]
+        pub acme_directory: Option<Spanned<String>>,
+        /// A PEM root certificate to trust for the ACME directory too (a test CA's).
+        #[arg(long = "acme-directory-ca", value_name = "FILE", requires = "acme_domain", value_parser = flag_value::<PathBuf>)]
+        pub acme_directory_ca: Option<Spanned<PathBuf>>,
+        /// The e-mail address the CA may write to about the certificates (expiry, revocation).
+        #[arg(long = "acme-contact", value_name = "EMAIL", requires = "acme_domain", value_parser = flag_value::<String>)]
+        pub acme_contact: Option<Spanned<String>>,
     }
 }
 

@@ -19,7 +19,6 @@ use tokio::{
     sync::{Semaphore, watch},
     time::{Instant, timeout_at},
 };
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
 use crate::{
@@ -31,6 +30,7 @@ use crate::{
     memory::{Holding, MemoryAccount},
     proxy_protocol::{self, Endpoints},
     sys,
+    tls::{Accepted, ServerTls},
     transfer::{ConnectionError, Handover, Supervision, Transfer},
     upstream::{ConnectError, Pool},
 };
@@ -48,7 +48,7 @@ pub fn current<T>(value: &Current<T>) -> Arc<T> {
 pub struct Shared {
     pub plane: DataPlane,
     pub timeouts: Timeouts,
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Arc<ServerTls>>,
     pub client_limits: Arc<ClientLimits>,
     pub memory: Arc<MemoryAccount>,
     pub log_clients: bool,
@@ -216,7 +216,8 @@ impl Connection {
             }
         }
         let mut client = match timeout_at(handshake_deadline, acceptor.accept(client)).await {
-            Ok(Ok(stream)) => stream,
+            Ok(Ok(Accepted::Client(stream))) => *stream,
+            Ok(Ok(Accepted::Validation)) => return debug!("answered an ACME CA's validation"),
             Ok(Err(e)) => return self.refuse(Refusal::TlsHandshake, &e),
             Err(_) => return self.refuse(Refusal::TlsHandshake, &"handshake not done in time"),
         };

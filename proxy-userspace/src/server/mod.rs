@@ -3,6 +3,7 @@
 
 mod connection;
 mod routing;
+mod tls;
 
 use std::{
     collections::HashMap,
@@ -22,8 +23,10 @@ use tokio::{
 use tracing::{info, warn};
 
 use connection::{Current, Listener, Shared, accept_loop, current, report_status_on_sigusr1};
+use tls::RunningTls;
 
 use crate::{
+    acme::AcmeError,
     config::{Config, ConfigError, DataPlaneChoice, HeaderVersion, ListenerConfig},
     counters::ListenerMetrics,
     dataplane::DataPlane,
@@ -32,7 +35,7 @@ use crate::{
     memory::{Backlogs, MemoryAccount},
     metrics::{self, Metrics},
     sys,
-    tls::{self, TlsError},
+    tls::TlsError,
     upstream::{Pins, Pool},
 };
 
@@ -48,6 +51,8 @@ pub enum RelayError {
     Kernel(#[from] KernelLoadError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("ACME: {0}")]
+    Acme(#[from] AcmeError),
 }
 
 fn bind_hint(e: &io::Error) -> &'static str {
@@ -172,6 +177,7 @@ struct Relay {
     plane: DataPlane,
     pins: Arc<Pins>,
     shared: Current<Shared>,
+    tls: Option<Arc<RunningTls>>,
     client_limits: Arc<ClientLimits>,
     memory: Arc<MemoryAccount>,
     running: HashMap<ListenKey, Running>,
@@ -197,10 +203,11 @@ impl Relay {
         let (stop, stop_rx) = watch::channel(false);
         let client_limits = ClientLimits::new(&config.limits);
         let memory = MemoryAccount::new(config.limits.memory);
+        let tls = RunningTls::start(&config)?;
         let shared = Arc::new(RwLock::new(Arc::new(Shared {
             plane: plane.clone(),
             timeouts: config.timeouts,
-            tls: tls_acceptor(&config)?,
+            tls: tls.as_ref().map(|tls| Arc::clone(&tls.server)),
             client_limits: Arc::clone(&client_limits),
             memory: Arc::clone(&memory),
             log_clients: config.log_clients,
@@ -223,6 +230,7 @@ impl Relay {
             plane,
             pins,
             shared,
+            tls,
             client_limits,
             memory,
             running: HashMap::new(),
@@ -362,7 +370,7 @@ impl Relay {
     /// fails leaves the running configuration as it was.
     async fn reload(&mut self, config: Config) {
         let pools = resolve_pools(&config, &self.pins).await;
-        let tls = match tls_acceptor(&config) {
+        let tls = match RunningTls::next(self.tls.as_ref(), &config) {
             Ok(tls) => tls,
             Err(e) => return warn!("reload failed, the running configuration stays: {e}"),
         };
@@ -376,12 +384,13 @@ impl Relay {
         *self.shared.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Shared {
             plane: self.plane.clone(),
             timeouts: config.timeouts,
-            tls,
+            tls: tls.as_ref().map(|tls| Arc::clone(&tls.server)),
             client_limits: Arc::clone(&self.client_limits),
             memory: Arc::clone(&self.memory),
             log_clients: config.log_clients,
             stop,
         });
+        self.tls = tls;
         self.use_pools(pools);
 
         let keys = listen_keys(&config.listeners);
@@ -525,13 +534,6 @@ async fn resolve_pools(config: &Config, pins: &Arc<Pins>) -> Vec<Arc<Pool>> {
         pools.push(Pool::resolve(pool, Arc::clone(pins)).await);
     }
     pools
-}
-
-fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, TlsError> {
-    match config.listeners.iter().any(|l| l.tls) {
-        true => tls::acceptor(&config.tls).map(Some),
-        false => Ok(None),
-    }
 }
 
 fn log_listener(listener: &Listener, local: SocketAddr, plane: &DataPlane) {

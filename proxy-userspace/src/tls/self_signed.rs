@@ -1,66 +1,9 @@
-//! TLS for listeners that terminate it (rustls with ring): the operator's PEM files, or a
-//! self-signed certificate made at start, shaped like the ones ordinary servers make.
-
-use std::{path::Path, sync::Arc};
+//! A self-signed certificate shaped like the ones ordinary servers make.
 
 use rand::Rng;
-use rustls::{
-    ServerConfig,
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject},
-};
-use tokio_rustls::TlsAcceptor;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::config::TlsSource;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read the TLS certificate {path}: {reason}")]
-    Certificate { path: String, reason: String },
-    #[error("cannot read the TLS key {path}: {reason}")]
-    Key { path: String, reason: String },
-    #[error("cannot make a self-signed certificate: {0}")]
-    Generate(String),
-    #[error("the TLS certificate and key do not work together: {0}")]
-    Config(String),
-}
-
-/// Builds the acceptor every TLS listener shares.
-pub fn acceptor(source: &TlsSource) -> Result<TlsAcceptor, TlsError> {
-    let (chain, key) = match source {
-        TlsSource::Files { cert, key } => (read_chain(cert)?, read_key(key)?),
-        TlsSource::SelfSigned => self_signed()?,
-    };
-    let config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let error = |reason: String| TlsError::Certificate {
-        path: path.display().to_string(),
-        reason,
-    };
-    let chain = CertificateDer::pem_file_iter(path)
-        .map_err(|e| error(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| error(e.to_string()))?;
-    if chain.is_empty() {
-        return Err(error("no CERTIFICATE block in it".into()));
-    }
-    Ok(chain)
-}
-
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
-}
+use super::TlsError;
 
 /// How long the self-signed certificate is valid from its making: Debian's `make-ssl-cert`
 /// (the snakeoil certificate of nginx and Apache there) makes ten years.
@@ -74,7 +17,8 @@ const SERIAL_BYTES: usize = 20;
 /// snakeoil: RSA 2048 signed with SHA-256, valid ten years from now, the machine's host
 /// name as subject and only name, CA:FALSE. A certificate that only this relay would make
 /// (rcgen's defaults: a 1975-4096 validity and its own subject) is a fingerprint.
-fn self_signed() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+pub(super) fn self_signed()
+-> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let generate = |e: &dyn std::fmt::Display| TlsError::Generate(e.to_string());
     let name = host_name().map_err(|e| generate(&e))?;
     let rsa = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, SELF_SIGNED_RSA_BITS)
