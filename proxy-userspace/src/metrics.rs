@@ -24,6 +24,7 @@ use crate::{
     counters::{ListenerMetrics, Refusal},
     dataplane::DataPlane,
     memory::MemoryAccount,
+    tls::{ServerTls, date},
     upstream::Pool,
 };
 
@@ -33,6 +34,8 @@ pub struct Metrics {
     pub pools: RwLock<Vec<Arc<Pool>>>,
     pub plane: DataPlane,
     pub memory: Arc<MemoryAccount>,
+    /// What the TLS listeners serve; None without any.
+    pub tls: RwLock<Option<Arc<ServerTls>>>,
 }
 
 impl Metrics {
@@ -122,6 +125,21 @@ impl Metrics {
             "gauge",
             "The memory limit for connections (--memory-limit).",
             &mut std::iter::once((String::new(), self.memory.limit())),
+        );
+        let tls = self.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let not_after = tls.and_then(|tls| tls.certificates().not_after());
+        family(
+            "tls_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When the TLS listeners' certificate stops being valid, in seconds since 1970.",
+            &mut not_after
+                .map(|at| {
+                    (
+                        String::new(),
+                        u64::try_from(at.unix_timestamp()).unwrap_or(0),
+                    )
+                })
+                .into_iter(),
         );
         family(
             "upstream_up",
@@ -386,6 +404,18 @@ fn summarize(body: &str) -> String {
             human_bytes(*limit)
         );
     }
+    if let Some((_, _, expiry)) = samples
+        .iter()
+        .find(|(n, _, _)| *n == "tls_certificate_expiry_timestamp_seconds")
+        && let Ok(at) = time::OffsetDateTime::from_unix_timestamp(*expiry as i64)
+    {
+        let left = (at - time::OffsetDateTime::now_utc()).whole_days();
+        let _ = writeln!(
+            out,
+            "TLS certificate valid until {} ({left} days left)",
+            date(at)
+        );
+    }
     let _ = writeln!(
         out,
         "{:<24} {:>6} {:>8} {:>14} {:>14}  refused",
@@ -483,6 +513,9 @@ mod tests {
             pools: RwLock::default(),
             plane: DataPlane::Copy,
             memory: MemoryAccount::new(MemoryLimit::Bytes(256 << 20)),
+            tls: RwLock::new(Some(Arc::new(
+                ServerTls::new(&crate::config::TlsSource::SelfSigned).unwrap(),
+            ))),
         };
         let text = metrics.render();
         assert!(text.contains("ebpf_proxy_bytes_total{listener=\"0.0.0.0:443\",direction=\"client_to_upstream\"} 1000"), "{text}");
@@ -497,6 +530,12 @@ mod tests {
         );
         assert!(
             summary.contains("memory held for connections: 0 B of a 256.0 MiB limit"),
+            "{summary}"
+        );
+        // The self-signed certificate: ten years, less the moment since it was made.
+        assert!(
+            summary.contains("TLS certificate valid until ")
+                && summary.contains("(3649 days left)"),
             "{summary}"
         );
         let row = summary

@@ -11,7 +11,7 @@ use std::{
 };
 
 use integration_tests::{
-    Expect, HeaderEcho, Relay, TempFile, echo_round_trip,
+    Expect, HeaderEcho, Relay, TempFile, echo_round_trip, metric,
     pebble::{Pebble, Validation, acme_tls_hello, leaf, verified_tls_client},
 };
 
@@ -94,9 +94,23 @@ pub fn acme_certificate_from_pebble_is_served_and_kept_across_restarts() {
     let file = config(ALWAYS_VALID_PORT, echo.addr);
     let state = StateDir::new("acme-always-valid");
     let mut args = acme_args(&file, &pebble, &state);
-    args.extend(["--acme-contact".to_owned(), "ops@relay.test".to_owned()]);
+    for flag in [
+        "--acme-contact",
+        "ops@relay.test",
+        "--metrics",
+        "127.0.0.1:0",
+    ] {
+        args.push(flag.to_owned());
+    }
     let mut relay = start(&args);
     wait_for_a_new_certificate(&mut relay);
+    // The metric says when it expires: an hour from its issue.
+    let expiry = expiry(&relay);
+    let now = unix_now();
+    assert!(
+        (now + 3600 - 120..=now + 3600 + 5).contains(&expiry),
+        "expiry {expiry}, now {now}"
+    );
     // Verified against the root Pebble issues under, for the name asked.
     let connect = || TcpStream::connect(("127.0.0.1", ALWAYS_VALID_PORT)).expect("connect");
     let mut client = verified_tls_client(connect(), &pebble.issuing_root, NAME);
@@ -124,11 +138,34 @@ pub fn acme_certificate_from_pebble_is_served_and_kept_across_restarts() {
     let mut client = verified_tls_client(connect(), &pebble.issuing_root, NAME);
     assert_eq!(echo_round_trip(&mut client, b"stored"), b"stored");
     assert_eq!(leaf(&client), issued);
+    // A reload with the same names keeps the certificate and orders nothing either.
+    relay.signal(libc::SIGHUP);
+    relay
+        .wait_for_line("reloaded:", ISSUED_WITHIN)
+        .expect("reload logged");
+    let mut client = verified_tls_client(connect(), &pebble.issuing_root, NAME);
+    assert_eq!(echo_round_trip(&mut client, b"reloaded"), b"reloaded");
+    assert_eq!(leaf(&client), issued);
     assert!(
         !relay.lines.iter().any(|l| l.contains("acme: ordering")),
         "ordered again: {:#?}",
         relay.lines
     );
+}
+
+fn expiry(relay: &Relay) -> u64 {
+    metric(
+        &relay.scrape(),
+        "tls_certificate_expiry_timestamp_seconds",
+        &[],
+    )
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
 }
 
 pub fn acme_tls_alpn_validation_and_renewal_keep_connections() {
@@ -142,8 +179,11 @@ pub fn acme_tls_alpn_validation_and_renewal_keep_connections() {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
     let file = config(TLS_ALPN_PORT, echo.addr);
     let state = StateDir::new("acme-tls-alpn");
-    let mut relay = start(&acme_args(&file, &pebble, &state));
+    let mut args = acme_args(&file, &pebble, &state);
+    args.extend(["--metrics".to_owned(), "127.0.0.1:0".to_owned()]);
+    let mut relay = start(&args);
     wait_for_a_new_certificate(&mut relay);
+    let first_expiry = expiry(&relay);
     let connect = || TcpStream::connect(("127.0.0.1", TLS_ALPN_PORT)).expect("connect");
     let mut held = verified_tls_client(connect(), &pebble.issuing_root, NAME);
     assert_eq!(echo_round_trip(&mut held, b"first"), b"first");
@@ -158,6 +198,7 @@ pub fn acme_tls_alpn_validation_and_renewal_keep_connections() {
     let mut fresh = verified_tls_client(connect(), &pebble.issuing_root, NAME);
     assert_eq!(echo_round_trip(&mut fresh, b"second"), b"second");
     assert_ne!(leaf(&fresh), first, "the renewed certificate is served");
+    assert!(expiry(&relay) > first_expiry);
 
     // Outside a validation, an acme-tls/1 hello gets no certificate: a prober learns nothing.
     assert!(

@@ -9,7 +9,7 @@ use instant_acme::{BodyWrapper, HttpClient};
 use rustls::{ClientConfig, RootCertStore};
 
 use super::AcmeError;
-use crate::tls::read_chain;
+use crate::tls::{TlsError, read_chain};
 
 pub fn http_client(extra_root: Option<&Path>) -> Result<Box<dyn HttpClient>, AcmeError> {
     let mut roots = RootCertStore {
@@ -20,7 +20,11 @@ pub fn http_client(extra_root: Option<&Path>) -> Result<Box<dyn HttpClient>, Acm
             path: path.display().to_string(),
             reason,
         };
-        for certificate in read_chain(path).map_err(|e| error(e.to_string()))? {
+        let chain = read_chain(path).map_err(|e| match e {
+            TlsError::Certificate { reason, .. } => error(reason),
+            other => error(other.to_string()),
+        })?;
+        for certificate in chain {
             roots.add(certificate).map_err(|e| error(e.to_string()))?;
         }
     }

@@ -6,7 +6,6 @@
 mod client;
 mod order;
 mod store;
-mod validity;
 
 use std::{io, sync::Arc, time::Duration};
 
@@ -17,12 +16,12 @@ use store::{Issued, Store};
 
 use crate::{
     config::AcmeConfig,
-    tls::{Certificates, TlsError},
+    tls::{Certificates, TlsError, date},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
-    #[error("the state directory: {path}: {source}")]
+    #[error("cannot use the state directory {path}")]
     State {
         path: String,
         #[source]
@@ -60,7 +59,8 @@ pub async fn keep_certified(config: AcmeConfig, certificates: Arc<Certificates>)
         Ok(store) => store,
         Err(e) => {
             return warn!(
-                "acme: cannot keep certificates for {names} ({e}); the TLS listeners keep their self-signed certificate"
+                "acme: cannot keep certificates for {names} ({}); the TLS listeners keep their self-signed certificate",
+                explain(&e)
             );
         }
     };
@@ -85,14 +85,20 @@ pub async fn keep_certified(config: AcmeConfig, certificates: Arc<Certificates>)
         match order::obtain(&config, &store, &certificates).await {
             Ok(issued) => {
                 if let Err(e) = store.save_certificate(&issued) {
-                    warn!("acme: the new certificate is served but not stored: {e}");
+                    warn!(
+                        "acme: the new certificate is served but not stored: {}",
+                        explain(&e)
+                    );
                 }
                 serve(&certificates, &issued, "a new");
                 held = Some(issued);
                 retry = FIRST_RETRY;
             }
             Err(e) => {
-                warn!("acme: no certificate for {names}: {e}; trying again in {retry:?}");
+                warn!(
+                    "acme: no certificate for {names}: {}; trying again in {retry:?}",
+                    explain(&e)
+                );
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(LAST_RETRY);
             }
@@ -111,13 +117,17 @@ fn serve(certificates: &Certificates, issued: &Issued, which: &str) {
             date(issued.validity.not_after),
             date(issued.renew_at())
         ),
-        Err(e) => warn!("acme: {which} certificate is unusable: {e}"),
+        Err(e) => warn!("acme: {which} certificate is unusable: {}", explain(&e)),
     }
 }
 
-/// A moment as RFC 3339 in UTC, to the second.
-fn date(at: OffsetDateTime) -> String {
-    let at = at.replace_nanosecond(0).unwrap_or(at);
-    at.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| at.to_string())
+/// An error and its causes, on one line.
+fn explain(e: &AcmeError) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(error) = cause {
+        text = format!("{text}: {error}");
+        cause = error.source();
+    }
+    text
 }

@@ -14,8 +14,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use time::OffsetDateTime;
 use tracing::warn;
 
-use super::{AcmeError, validity::Validity};
-use crate::config::AcmeConfig;
+use super::AcmeError;
+use crate::{config::AcmeConfig, tls::Validity};
 
 /// A certificate the CA issued, with its key.
 #[derive(Clone, Debug)]

@@ -51,7 +51,7 @@ pub enum RelayError {
     Kernel(#[from] KernelLoadError),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("ACME: {0}")]
+    #[error(transparent)]
     Acme(#[from] AcmeError),
 }
 
@@ -220,6 +220,7 @@ impl Relay {
             pools: RwLock::new(pools.clone()),
             plane: plane.clone(),
             memory: Arc::clone(&memory),
+            tls: RwLock::new(tls.as_ref().map(|tls| Arc::clone(&tls.server))),
         });
         let mut relay = Self {
             limit: Arc::new(Semaphore::new(permits as usize)),
@@ -390,6 +391,8 @@ impl Relay {
             log_clients: config.log_clients,
             stop,
         });
+        *self.metrics.tls.write().unwrap_or_else(|e| e.into_inner()) =
+            tls.as_ref().map(|tls| Arc::clone(&tls.server));
         self.tls = tls;
         self.use_pools(pools);
 

@@ -14,14 +14,21 @@ use rustls::{
     sign::{CertifiedKey, SigningKey},
 };
 
-use super::{ACME_TLS_ALPN, TlsError, provider, server_config};
+use super::{ACME_TLS_ALPN, TlsError, Validity, provider, server_config};
 
 #[derive(Debug)]
 pub struct Certificates {
-    current: RwLock<Arc<CertifiedKey>>,
+    current: RwLock<Served>,
     /// By lower-case name: a configuration that serves only that name's challenge
     /// certificate and speaks only acme-tls/1.
     challenges: RwLock<HashMap<String, Arc<ServerConfig>>>,
+}
+
+/// The certificate served, and when it is valid (None: its validity does not read).
+#[derive(Debug)]
+struct Served {
+    key: Arc<CertifiedKey>,
+    validity: Option<Validity>,
 }
 
 impl Certificates {
@@ -30,7 +37,7 @@ impl Certificates {
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, TlsError> {
         Ok(Self {
-            current: RwLock::new(certified(chain, key)?),
+            current: RwLock::new(served(chain, key)?),
             challenges: RwLock::default(),
         })
     }
@@ -41,9 +48,15 @@ impl Certificates {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<(), TlsError> {
-        let next = certified(chain, key)?;
+        let next = served(chain, key)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(())
+    }
+
+    /// When the certificate served stops being valid.
+    pub fn not_after(&self) -> Option<time::OffsetDateTime> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        current.validity.map(|validity| validity.not_after)
     }
 
     /// Answers a CA's acme-tls/1 handshakes for `name` with `chain` until
@@ -82,9 +95,8 @@ impl Certificates {
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(
-            &self.current.read().unwrap_or_else(|e| e.into_inner()),
-        ))
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        Some(Arc::clone(&current.key))
     }
 }
 
@@ -103,6 +115,17 @@ fn signing_key(key: PrivateKeyDer<'static>) -> Result<Arc<dyn SigningKey>, TlsEr
         .key_provider
         .load_private_key(key)
         .map_err(|e| TlsError::Config(e.to_string()))
+}
+
+fn served(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Served, TlsError> {
+    let validity = chain.first().and_then(|leaf| Validity::of(leaf));
+    Ok(Served {
+        key: certified(chain, key)?,
+        validity,
+    })
 }
 
 fn certified(

@@ -4,6 +4,7 @@
 
 mod certificates;
 mod self_signed;
+mod validity;
 
 use std::{io, path::Path, sync::Arc};
 
@@ -17,6 +18,7 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
 
 pub use certificates::Certificates;
+pub use validity::{Validity, date};
 
 use crate::config::TlsSource;
 
