@@ -599,6 +599,39 @@ pub fn half_closed_timeout_ends_a_one_sided_connection(plane: integration_tests:
     assert_cut_at_its_timeout(&mut stream, Instant::now(), "half-closed");
 }
 
+/// A client that half-closes and then downloads for longer than the half-closed timeout
+/// keeps its connection while bytes keep coming: the timeout counts silence, not age.
+pub fn half_closed_timeout_spares_a_direction_still_moving(plane: integration_tests::Plane) {
+    const PIECES: usize = 12;
+    const PIECE: &[u8] = b"still coming\n";
+    let dribbling = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = dribbling.local_addr().unwrap().to_string();
+    let Some(relay) = plane_relay(plane, &target, &["--half-closed-timeout", "1s"]) else {
+        return;
+    };
+    let mut stream = TcpStream::connect(relay.addr).unwrap();
+    stream.write_all(b"request").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let (mut upstream, _) = dribbling.accept().unwrap();
+    let server = thread::spawn(move || {
+        let mut request = Vec::new();
+        upstream.read_to_end(&mut request).unwrap();
+        // Three seconds of answer, a piece every quarter: three half-closed timeouts long.
+        for _ in 0..PIECES {
+            thread::sleep(Duration::from_millis(250));
+            upstream.write_all(PIECE).unwrap();
+        }
+        request
+    });
+    let mut answer = Vec::new();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.read_to_end(&mut answer).expect("the whole answer");
+    assert_eq!(server.join().unwrap(), b"request");
+    assert_eq!(answer, PIECE.repeat(PIECES), "{plane:?}");
+}
+
 /// A client that stops reading while the upstream pushes is closed after the idle timeout:
 /// the relay's writes to it stall and nothing moves, in whichever plane holds the
 /// connection (auto's userspace warm-up included).

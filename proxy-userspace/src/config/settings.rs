@@ -143,7 +143,8 @@ section! {
         #[arg(long = "idle-timeout", value_name = "DURATION", value_parser = parse_duration)]
         #[serde(default, deserialize_with = "duration")]
         pub idle: Duration = Duration::from_secs(600),
-        /// Close a connection this long after one side finished sending.
+        /// Close a connection once one side finished sending and nothing moved for this
+        /// long since.
         #[arg(long = "half-closed-timeout", value_name = "DURATION", value_parser = parse_duration)]
         #[serde(default, deserialize_with = "duration")]
         pub half_closed: Duration = Duration::from_secs(60),

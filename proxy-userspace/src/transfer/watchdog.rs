@@ -15,7 +15,7 @@ use crate::{counters::ListenerMetrics, memory::Holding};
 pub struct Supervision {
     /// No bytes in either direction for this long: close.
     pub idle: Duration,
-    /// One direction finished and the other still open this long after: close.
+    /// One direction finished and nothing moved this long since: close.
     pub half_closed: Duration,
     pub metrics: Arc<ListenerMetrics>,
     /// The port the client connected to, and the client's address when it may be shown
@@ -94,8 +94,12 @@ impl<'a> Watchdog<'a> {
         if idle_for >= self.supervision.idle {
             return Err(Expiry::Idle);
         }
+        // Silence since the half-close, not its age: the open direction may still be
+        // delivering what the closed one asked for, and cutting it would lose bytes.
         match self.half_closed_since {
-            Some(since) if now - since >= self.supervision.half_closed => Err(Expiry::HalfClosed),
+            Some(since) if idle_for.min(now - since) >= self.supervision.half_closed => {
+                Err(Expiry::HalfClosed)
+            }
             _ => Ok(()),
         }
     }
@@ -167,12 +171,31 @@ mod tests {
     }
 
     #[test]
-    fn half_closed_counts_from_the_first_side_done() {
-        let supervision = supervision(HOUR, Duration::ZERO);
+    fn half_closed_counts_silence_from_the_first_side_done() {
+        let supervision = supervision(HOUR, Duration::from_secs(10));
         let mut watchdog = Watchdog::new(&supervision);
-        assert_eq!(watchdog.check(moved(1, 1), None), Ok(()));
+        assert_eq!(
+            watchdog.check(moved(1, 1), Some(Duration::from_secs(30))),
+            Ok(()),
+            "silence before any side is done is idle's business"
+        );
         watchdog.one_side_done();
-        assert_eq!(watchdog.check(moved(2, 2), None), Err(Expiry::HalfClosed));
+        watchdog.half_closed_since = Some(Instant::now() - Duration::from_secs(60));
+        assert_eq!(
+            watchdog.check(moved(2, 2), Some(Duration::from_secs(9))),
+            Ok(()),
+            "the open direction still delivers"
+        );
+        assert_eq!(
+            watchdog.check(moved(2, 2), Some(Duration::from_secs(10))),
+            Err(Expiry::HalfClosed)
+        );
+        // Right after the half-close, silence before it does not count.
+        watchdog.half_closed_since = Some(Instant::now());
+        assert_eq!(
+            watchdog.check(moved(2, 2), Some(Duration::from_secs(30))),
+            Ok(())
+        );
     }
 
     #[test]
