@@ -1,6 +1,7 @@
 //! Certificates by ACME, against Pebble (Let's Encrypt's test CA): the TLS listener serves
 //! a certificate Pebble issued for the name, kept in the state directory across restarts;
-//! with real TLS-ALPN-01 validation, renewal swaps it while an open connection goes on.
+//! with real TLS-ALPN-01 validation on the quiet preset's 443, renewal swaps it while an
+//! open connection goes on.
 
 use std::{
     fs,
@@ -18,8 +19,8 @@ use integration_tests::{
 const NAME: &str = "relay.test";
 /// The TLS listener's port when Pebble only pretends to validate.
 const ALWAYS_VALID_PORT: u16 = 18443;
-/// The TLS listener's port when Pebble validates: Pebble's `tlsPort`, standing for 443.
-const TLS_ALPN_PORT: u16 = 18444;
+/// Where Pebble validates (its `tlsPort`): 443, as a real CA does.
+const HTTPS_PORT: u16 = 443;
 /// Pebble answers within a second here; a slow CI machine gets ample margin.
 const ISSUED_WITHIN: Duration = Duration::from_secs(60);
 
@@ -57,11 +58,10 @@ fn config(port: u16, upstream: SocketAddr) -> TempFile {
     )
 }
 
-/// The relay's flags: `config`, and certificates for [`NAME`] from `pebble`, kept in `state`.
-fn acme_args(config: &TempFile, pebble: &Pebble, state: &StateDir) -> Vec<String> {
-    let args = [
-        "--config",
-        config.path(),
+/// The relay's flags: `source` (a file or preset, and what goes with it), and certificates
+/// for [`NAME`] from `pebble`, kept in `state`.
+fn acme_args(source: &[&str], pebble: &Pebble, state: &StateDir) -> Vec<String> {
+    let acme = [
         "--acme-domain",
         NAME,
         "--acme-directory",
@@ -71,7 +71,7 @@ fn acme_args(config: &TempFile, pebble: &Pebble, state: &StateDir) -> Vec<String
         "--state-dir",
         state.path(),
     ];
-    args.into_iter().map(str::to_owned).collect()
+    source.iter().chain(&acme).map(|a| a.to_string()).collect()
 }
 
 fn wait_for_a_new_certificate(relay: &mut Relay) {
@@ -93,7 +93,7 @@ pub fn acme_certificate_from_pebble_is_served_and_kept_across_restarts() {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
     let file = config(ALWAYS_VALID_PORT, echo.addr);
     let state = StateDir::new("acme-always-valid");
-    let mut args = acme_args(&file, &pebble, &state);
+    let mut args = acme_args(&["--config", file.path()], &pebble, &state);
     for flag in [
         "--acme-contact",
         "ops@relay.test",
@@ -171,22 +171,38 @@ fn unix_now() -> u64 {
 pub fn acme_tls_alpn_validation_and_renewal_keep_connections() {
     // Renewal comes with a third of the life left: about 13 s after each issue.
     let pebble = Pebble::start(
-        Validation::TlsAlpn {
-            port: TLS_ALPN_PORT,
-        },
+        Validation::TlsAlpn { port: HTTPS_PORT },
         Duration::from_secs(20),
     );
-    let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
-    let file = config(TLS_ALPN_PORT, echo.addr);
+    // The quiet preset as an operator runs it, on loopback: 443 relays to the chat pool,
+    // here an echo behind the PROXY v1 header the preset sends.
+    let chat = HeaderEcho::start("127.0.60.2:5222", Expect::V1);
     let state = StateDir::new("acme-tls-alpn");
-    let mut args = acme_args(&file, &pebble, &state);
-    args.extend(["--metrics".to_owned(), "127.0.0.1:0".to_owned()]);
-    let mut relay = start(&args);
+    let preset = [
+        "--preset",
+        "whatsapp-quiet",
+        "--bind",
+        "127.0.0.1",
+        "--resolve",
+        "g.whatsapp.net=127.0.60.2",
+        "--resolve",
+        "g-fallback.whatsapp.net=127.0.60.2",
+        "--resolve",
+        "whatsapp.net=127.0.60.4",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    let mut relay = start(&acme_args(&preset, &pebble, &state));
     wait_for_a_new_certificate(&mut relay);
     let first_expiry = expiry(&relay);
-    let connect = || TcpStream::connect(("127.0.0.1", TLS_ALPN_PORT)).expect("connect");
+    let connect = || TcpStream::connect(("127.0.0.1", HTTPS_PORT)).expect("connect");
     let mut held = verified_tls_client(connect(), &pebble.issuing_root, NAME);
     assert_eq!(echo_round_trip(&mut held, b"first"), b"first");
+    let header = chat.next_header(ISSUED_WITHIN);
+    assert!(
+        header.starts_with(b"PROXY TCP4 127.0.0.1 127.0.0.1 "),
+        "{header:?}"
+    );
     let first = leaf(&held);
 
     relay

@@ -52,6 +52,9 @@ pub fn check(config: &AcmeConfig) -> Result<(), AcmeError> {
     Store::open(config).map(drop)
 }
 
+/// The longest the renewal task sleeps before it looks at the wall clock again.
+const RECHECK: Duration = Duration::from_secs(12 * 3600);
+
 /// Keeps `certificates` serving a valid certificate for `config`'s names, until aborted.
 pub async fn keep_certified(config: AcmeConfig, certificates: Arc<Certificates>) {
     let names = config.domains.join(", ");
@@ -71,9 +74,12 @@ pub async fn keep_certified(config: AcmeConfig, certificates: Arc<Certificates>)
     let mut retry = FIRST_RETRY;
     loop {
         if let Some(issued) = &held {
-            let wait = issued.renew_at() - OffsetDateTime::now_utc();
-            if let Ok(wait) = Duration::try_from(wait) {
-                tokio::time::sleep(wait).await;
+            // By the wall clock, looked at again at least every RECHECK: tokio's clock
+            // stands still while a VM is suspended.
+            while let Ok(wait) = Duration::try_from(issued.renew_at() - OffsetDateTime::now_utc())
+                && !wait.is_zero()
+            {
+                tokio::time::sleep(wait.min(RECHECK)).await;
             }
             info!("acme: renewing the certificate for {names}");
         } else {

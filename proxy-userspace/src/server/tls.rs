@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
+use tracing::warn;
 
 use super::RelayError;
 use crate::{
@@ -12,6 +13,9 @@ use crate::{
     config::{Config, TlsSource},
     tls::ServerTls,
 };
+
+/// Where TLS-ALPN-01 validation connects.
+const HTTPS: u16 = 443;
 
 pub struct RunningTls {
     source: TlsSource,
@@ -27,6 +31,15 @@ impl RunningTls {
         }
         if let TlsSource::Acme(acme) = &config.tls {
             acme::check(acme)?;
+            if !config
+                .listeners
+                .iter()
+                .any(|l| l.tls && l.listen.port() == HTTPS)
+            {
+                warn!(
+                    "acme: the CA validates names on port 443, and no TLS listener is on it: validation fails unless 443 is forwarded to one"
+                );
+            }
         }
         let server = Arc::new(ServerTls::new(&config.tls)?);
         let renewal = match &config.tls {
