@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use instant_acme::{
-    Account, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus,
-    RetryPolicy,
+    Account, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, Order,
+    OrderStatus, RetryPolicy,
 };
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tracing::info;
@@ -77,8 +77,9 @@ pub async fn obtain(
     drop(challenges);
     if status != OrderStatus::Ready {
         return Err(AcmeError::Refused(format!(
-            "the CA could not validate {} (order {status:?}): it connects to port 443 of each name's address and asks for acme-tls/1",
-            config.domains.join(", ")
+            "the CA could not validate {} ({}); it connects to port 443 of each name's address and asks for acme-tls/1",
+            config.domains.join(", "),
+            validation_problems(&mut order).await
         )));
     }
     let key = rcgen::KeyPair::generate().map_err(certificate_error)?;
@@ -91,6 +92,28 @@ pub async fn obtain(
         .poll_certificate(&RetryPolicy::new().timeout(ISSUE_DEADLINE))
         .await?;
     Issued::new(chain, key.serialize_pem(), &config.domains)
+}
+
+/// What the CA said of each failed challenge, as one line.
+async fn validation_problems(order: &mut Order) -> String {
+    let mut problems = Vec::new();
+    let mut authorizations = order.authorizations();
+    while let Some(Ok(mut authorization)) = authorizations.next().await {
+        let name = authorization.identifier().to_string();
+        let Ok(state) = authorization.refresh().await else {
+            continue;
+        };
+        for challenge in &state.challenges {
+            if let Some(problem) = &challenge.error {
+                let detail = problem.detail.as_deref().unwrap_or("no detail");
+                problems.push(format!("{name}: {detail}"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        return "the CA gave no reason".to_owned();
+    }
+    problems.join("; ")
 }
 
 /// The stored account, or a new one registered (and stored) when there is none or `anew`.
