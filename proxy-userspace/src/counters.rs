@@ -1,5 +1,5 @@
-//! The counters each listener keeps while it serves: connections, refusals by reason and
-//! bytes each way. A leaf: the data planes and the server write them, and `metrics` renders
+//! The counters each listener keeps while it serves: connections, refusals and timeouts by
+//! reason, and bytes each way. A leaf: the data planes and the server write them, and `metrics` renders
 //! them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +34,24 @@ impl Refusal {
     }
 }
 
+/// Why the relay closed a connection its peers had not ended: a timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    Idle,
+    HalfClosed,
+}
+
+impl Timeout {
+    pub const ALL: [Self; 2] = [Self::Idle, Self::HalfClosed];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::HalfClosed => "half_closed",
+        }
+    }
+}
+
 /// One listener's counters. Bytes of kernel-mode connections come from the program's
 /// per-flow counters, so they count what the kernel moved.
 #[derive(Debug, Default)]
@@ -48,6 +66,7 @@ pub struct ListenerMetrics {
     shed: AtomicU64,
     /// Connections relayed to the listener's fallback: they did not open as it expects.
     fallback: AtomicU64,
+    timed_out: [AtomicU64; Timeout::ALL.len()],
 }
 
 impl ListenerMetrics {
@@ -72,6 +91,14 @@ impl ListenerMetrics {
 
     pub fn shed(&self) -> u64 {
         self.shed.load(Ordering::Relaxed)
+    }
+
+    pub fn count_timeout(&self, timeout: Timeout) {
+        self.timed_out[timeout as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn timed_out(&self, timeout: Timeout) -> u64 {
+        self.timed_out[timeout as usize].load(Ordering::Relaxed)
     }
 
     pub fn count_sent_to_fallback(&self) {

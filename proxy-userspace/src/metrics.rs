@@ -21,7 +21,7 @@ use tracing::debug;
 
 use crate::{
     accept::AcceptErrors,
-    counters::{ListenerMetrics, Refusal},
+    counters::{ListenerMetrics, Refusal, Timeout},
     dataplane::DataPlane,
     memory::MemoryAccount,
     tls::{ServerTls, date},
@@ -105,6 +105,19 @@ impl Metrics {
             &mut listeners
                 .iter()
                 .map(|l| (format!("{},reason=\"memory\"", listener(l)), l.shed())),
+        );
+        family(
+            "connections_timed_out_total",
+            "counter",
+            "Connections the relay closed because a timeout expired, by timeout.",
+            &mut listeners.iter().flat_map(|l| {
+                Timeout::ALL.iter().map(move |t| {
+                    (
+                        format!("{},reason=\"{}\"", listener(l), t.label()),
+                        l.timed_out(*t),
+                    )
+                })
+            }),
         );
         family(
             "fallback_total",
@@ -508,6 +521,7 @@ mod tests {
         web.add_bytes(1000, 3 << 20);
         web.refuse(Refusal::PerIpRate);
         web.count_sent_to_fallback();
+        web.count_timeout(Timeout::Idle);
         let metrics = Metrics {
             listeners: RwLock::new(vec![web]),
             pools: RwLock::default(),
@@ -521,6 +535,12 @@ mod tests {
         assert!(text.contains("ebpf_proxy_bytes_total{listener=\"0.0.0.0:443\",direction=\"client_to_upstream\"} 1000"), "{text}");
         assert!(text.contains("ebpf_proxy_connections_refused_total{listener=\"0.0.0.0:443\",reason=\"per_ip_rate\"} 1"));
         assert!(text.contains("ebpf_proxy_fallback_total{listener=\"0.0.0.0:443\"} 1"));
+        assert!(text.contains(
+            "ebpf_proxy_connections_timed_out_total{listener=\"0.0.0.0:443\",reason=\"idle\"} 1"
+        ));
+        assert!(text.contains(
+            "ebpf_proxy_connections_timed_out_total{listener=\"0.0.0.0:443\",reason=\"half_closed\"} 0"
+        ));
         let summary = summarize(&text);
         assert!(summary.contains("data plane: copy"), "{summary}");
         assert!(

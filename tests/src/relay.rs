@@ -49,7 +49,11 @@ pub fn bpf_required() -> bool {
     std::env::var("PROXY_REQUIRE_BPF").is_ok_and(|v| v == "1")
 }
 
-/// A running relay; killed (SIGKILL) if the test did not stop it.
+/// How many of its last log lines a relay prints when the test that ran it fails.
+const LOG_SHOWN_ON_FAILURE: usize = 80;
+
+/// A running relay; killed (SIGKILL) if the test did not stop it. If the test fails, its
+/// last [`LOG_SHOWN_ON_FAILURE`] log lines go to stderr.
 pub struct Relay {
     child: Child,
     /// The first listener's address.
@@ -311,6 +315,18 @@ impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test shows the relay's side: its log is the first thing to read.
+        if thread::panicking() {
+            self.drain_log(Duration::from_millis(500));
+            let from = self.lines.len().saturating_sub(LOG_SHOWN_ON_FAILURE);
+            eprintln!(
+                "--- the relay's last {} log lines ---",
+                self.lines.len() - from
+            );
+            for line in &self.lines[from..] {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 

@@ -553,7 +553,11 @@ pub fn metrics_count_the_bytes_sent(plane: integration_tests::Plane) {
 /// Traffic every 300 ms keeps a connection past a 1 s idle timeout; silence then ends it.
 pub fn idle_timeout_counts_traffic_both_ways(plane: integration_tests::Plane) {
     let echo = HeaderEcho::start("127.0.0.1:0", Expect::None);
-    let Some(relay) = plane_relay(plane, &echo.addr.to_string(), &["--idle-timeout", "1s"]) else {
+    let Some(relay) = plane_relay(
+        plane,
+        &echo.addr.to_string(),
+        &["--idle-timeout", "1s", "--metrics", "127.0.0.1:0"],
+    ) else {
         return;
     };
     let mut stream = TcpStream::connect(relay.addr).unwrap();
@@ -570,6 +574,19 @@ pub fn idle_timeout_counts_traffic_both_ways(plane: integration_tests::Plane) {
         thread::sleep(Duration::from_millis(300));
     }
     assert_cut_at_its_timeout(&mut stream, Instant::now(), "idle");
+    assert_timeouts_counted(&relay, "idle");
+}
+
+/// The relay's metrics count one timeout, of the kind `reason`, and none of the other.
+fn assert_timeouts_counted(relay: &Relay, reason: &str) {
+    let text = relay.scrape();
+    for kind in ["idle", "half_closed"] {
+        assert_eq!(
+            metric(&text, "connections_timed_out_total", &[("reason", kind)]),
+            u64::from(kind == reason),
+            "timeouts of kind {kind}"
+        );
+    }
 }
 
 /// The relay closes `stream` within a few seconds, but not before a 1 s timeout counted
@@ -589,7 +606,11 @@ fn assert_cut_at_its_timeout(stream: &mut TcpStream, since: Instant, which: &str
 pub fn half_closed_timeout_ends_a_one_sided_connection(plane: integration_tests::Plane) {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let target = silent.local_addr().unwrap().to_string();
-    let Some(relay) = plane_relay(plane, &target, &["--half-closed-timeout", "1s"]) else {
+    let Some(relay) = plane_relay(
+        plane,
+        &target,
+        &["--half-closed-timeout", "1s", "--metrics", "127.0.0.1:0"],
+    ) else {
         return;
     };
     let mut stream = TcpStream::connect(relay.addr).unwrap();
@@ -597,6 +618,7 @@ pub fn half_closed_timeout_ends_a_one_sided_connection(plane: integration_tests:
     stream.write_all(b"request").unwrap();
     stream.shutdown(Shutdown::Write).unwrap();
     assert_cut_at_its_timeout(&mut stream, Instant::now(), "half-closed");
+    assert_timeouts_counted(&relay, "half_closed");
 }
 
 /// A client that half-closes and then downloads for longer than the half-closed timeout

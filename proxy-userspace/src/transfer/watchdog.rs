@@ -8,7 +8,10 @@ use std::{
 };
 
 use super::Transfer;
-use crate::{counters::ListenerMetrics, memory::Holding};
+use crate::{
+    counters::{ListenerMetrics, Timeout},
+    memory::Holding,
+};
 
 /// What a connection may do and where it reports.
 #[derive(Clone)]
@@ -92,16 +95,22 @@ impl<'a> Watchdog<'a> {
         }
         let idle_for = idle_for.unwrap_or(now - self.last_progress);
         if idle_for >= self.supervision.idle {
-            return Err(Expiry::Idle);
+            return Err(self.expired(Timeout::Idle, Expiry::Idle));
         }
         // Silence since the half-close, not its age: the open direction may still be
         // delivering what the closed one asked for, and cutting it would lose bytes.
         match self.half_closed_since {
             Some(since) if idle_for.min(now - since) >= self.supervision.half_closed => {
-                Err(Expiry::HalfClosed)
+                Err(self.expired(Timeout::HalfClosed, Expiry::HalfClosed))
             }
             _ => Ok(()),
         }
+    }
+
+    /// Counts a timeout in the listener's metrics, and returns it as the expiry it is.
+    fn expired(&self, timeout: Timeout, expiry: Expiry) -> Expiry {
+        self.supervision.metrics.count_timeout(timeout);
+        expiry
     }
 
     /// Adds what moved since the last report to the listener's counters; true if any did.
@@ -158,6 +167,8 @@ mod tests {
             Err(Expiry::Idle),
             "bytes arriving do not count when the data plane says nothing was delivered"
         );
+        assert_eq!(supervision.metrics.timed_out(Timeout::Idle), 1);
+        assert_eq!(supervision.metrics.timed_out(Timeout::HalfClosed), 0);
     }
 
     #[test]
@@ -190,6 +201,8 @@ mod tests {
             watchdog.check(moved(2, 2), Some(Duration::from_secs(10))),
             Err(Expiry::HalfClosed)
         );
+        assert_eq!(supervision.metrics.timed_out(Timeout::HalfClosed), 1);
+        assert_eq!(supervision.metrics.timed_out(Timeout::Idle), 0);
         // Right after the half-close, silence before it does not count.
         watchdog.half_closed_since = Some(Instant::now());
         assert_eq!(
