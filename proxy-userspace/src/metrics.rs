@@ -478,6 +478,21 @@ fn summarize(body: &str) -> String {
             sent_to_fallback.join(", ")
         );
     }
+    let timed_out: Vec<String> = listeners
+        .iter()
+        .flat_map(|l| Timeout::ALL.iter().map(move |t| (l, *t)))
+        .filter_map(|(l, t)| {
+            let n = value(
+                "connections_timed_out_total",
+                l,
+                Some(("reason", t.label())),
+            );
+            (n > 0).then(|| format!("{l} {} {n}", t.label()))
+        })
+        .collect();
+    if !timed_out.is_empty() {
+        let _ = writeln!(out, "closed by a timeout: {}", timed_out.join(", "));
+    }
     for (name, labels, up) in &samples {
         if *name == "upstream_up" {
             let _ = writeln!(
@@ -546,6 +561,10 @@ mod tests {
         assert!(
             summary
                 .contains("sent to the fallback (opened otherwise than WhatsApp): 0.0.0.0:443 1"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("closed by a timeout: 0.0.0.0:443 idle 1\n"),
             "{summary}"
         );
         assert!(
