@@ -1,6 +1,6 @@
 //! The counters each listener keeps while it serves: connections, refusals and timeouts by
-//! reason, and bytes each way. A leaf: the data planes and the server write them, and `metrics` renders
-//! them.
+//! reason, and bytes each way. A leaf: the data planes and the server write them, and
+//! `metrics` renders them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
