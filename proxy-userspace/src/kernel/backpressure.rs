@@ -92,6 +92,41 @@ impl KernelConnection<'_> {
         drained
     }
 
+    /// Holds the sender while the destination is still backed up with what userspace wrote
+    /// before the flow joined the kernel (auto's warm-up, which may have waited seconds on a
+    /// slow client): the sender kept its full speed meanwhile, and would push its whole
+    /// send queue into the redirect queue before any check could throttle it (measured:
+    /// about 5 MB per slow reader). Ends once the destination's queue is down to
+    /// [`release_at`] of its send buffer, or at the first event on the source, which is
+    /// returned for the flow's loop to handle.
+    pub(super) async fn hold_while_backed_up(
+        &self,
+        flow: Flow<'_>,
+    ) -> Result<Option<u32>, FlowError> {
+        // The kernel doubles what SO_SNDBUF asks.
+        let send_buffer = 2 * u64::from(flow.to.send_buffer.load(Ordering::Acquire));
+        let queued = || sys::unacked_or_unsent(&flow.to.stream).map_err(FlowError::Destination);
+        if queued()? < throttle_from(send_buffer) {
+            return Ok(None);
+        }
+        sys::set_receive_buffer(&flow.from.stream, 1).map_err(FlowError::Source)?;
+        let mut delay = BACKLOG_POLL.0;
+        let events = loop {
+            if queued()? <= release_at(send_buffer) {
+                break None;
+            }
+            fail_if_reset(flow.to)?;
+            tokio::select! {
+                events = flow.from.signals.read_events() => break Some(events),
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(BACKLOG_POLL.1);
+        };
+        restore_receive_buffer(&flow.from.stream, flow.ledger.budget())
+            .map_err(FlowError::Source)?;
+        Ok(events)
+    }
+
     /// Sizes the flow's budget and its destination's send buffer by what the destination
     /// drained since the last check. Returns whether the budget changed: the sender's
     /// receive buffer is then the caller's to set.
@@ -172,19 +207,24 @@ impl KernelConnection<'_> {
                 return Err(stopped);
             }
             // A reset destination discards its backlog: it will never catch up.
-            if sys::tcp_info(&flow.to.stream)
-                .map_err(FlowError::Destination)?
-                .state
-                == TCP_CLOSE
-            {
-                return Err(FlowError::Destination(io::Error::from(
-                    io::ErrorKind::ConnectionReset,
-                )));
-            }
+            fail_if_reset(flow.to)?;
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(BACKLOG_POLL.1);
         }
     }
+}
+
+/// An error once `to` was reset: a destination that will never take another byte.
+fn fail_if_reset(to: &Socket) -> Result<(), FlowError> {
+    let state = sys::tcp_info(&to.stream)
+        .map_err(FlowError::Destination)?
+        .state;
+    if state == TCP_CLOSE {
+        return Err(FlowError::Destination(io::Error::from(
+            io::ErrorKind::ConnectionReset,
+        )));
+    }
+    Ok(())
 }
 
 /// Holds a sender back without dropping what it already has in flight, and returns the

@@ -136,9 +136,13 @@ impl KernelConnection<'_> {
         let mut audit = tokio::time::interval(AUDIT_PERIOD);
         audit.reset();
         let mut resumed = false;
+        // Events the hold at the start took, handled first.
+        let mut pending = self.hold_while_backed_up(flow).await?;
         loop {
             // Back from userspace: look at the flow again before waiting for anything.
-            let events = if std::mem::take(&mut resumed) {
+            let events = if let Some(events) = pending.take() {
+                events
+            } else if std::mem::take(&mut resumed) {
                 NOTIFIED
             } else {
                 tokio::select! {
