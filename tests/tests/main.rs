@@ -3,7 +3,8 @@
 //! and only here, by `cases!`: a case that relays takes the data plane it runs on and is
 //! listed under the planes it applies to, and shows up as `<case>::<plane>`; a case of the
 //! control plane alone (flags, configuration, signals) takes none. Kernel-mode cases skip
-//! unless BPF loads, or fail when PROXY_REQUIRE_BPF=1.
+//! unless BPF loads, or fail when PROXY_REQUIRE_BPF=1. A case listed as `ignored` measures a
+//! target not met yet, says why, and runs with `-- --ignored`.
 
 mod acme;
 mod cli;
@@ -14,12 +15,18 @@ mod parity;
 mod probing;
 mod reliability;
 mod resources;
+mod side_by_side;
 mod soak;
 mod transfer;
 
 /// Registers each listed case: under `[planes]`, as a module named after the case with a
 /// test per plane; under `[]`, as one test of that name.
 macro_rules! cases {
+    (ignored $why:literal [$($plane:ident),+] => $module:ident::$case:ident) => {
+        mod $case {
+            $( #[test] #[ignore = $why] fn $plane() { crate::$module::$case(plane!($plane)) } )+
+        }
+    };
     ([] => $($module:ident::$case:ident),+ $(,)?) => {
         $( #[test] fn $case() { crate::$module::$case() } )+
     };
@@ -90,6 +97,10 @@ cases!([kernel] =>
     reliability::full_kernel_maps_fall_back_to_userspace,
     reliability::kernel_mode_runs_unprivileged_with_three_capabilities,
 );
+
+// A target of issue 18 not met yet: run with `-- --ignored` to measure it.
+cases!(ignored "not met yet: slow readers cost kernel mode about 4x what they cost HAProxy with these peers (docs/design.md)"
+    [kernel, auto] => side_by_side::slow_clients_cost_no_more_than_through_haproxy);
 
 // auto's warm-up, which only auto has.
 cases!([auto] =>
