@@ -98,17 +98,18 @@ impl KernelConnection<'_> {
     /// send queue into the redirect queue before any check could throttle it (measured:
     /// about 5 MB per slow reader). Ends once the destination's queue is down to
     /// [`release_at`] of its send buffer, or at the first event on the source, which is
-    /// returned for the flow's loop to handle.
+    /// returned for the flow's loop to handle. Judged by what the queue held at the join,
+    /// not by now: by the time this runs, the program may have filled it itself.
     pub(super) async fn hold_while_backed_up(
         &self,
         flow: Flow<'_>,
     ) -> Result<Option<u32>, FlowError> {
         // The kernel doubles what SO_SNDBUF asks.
         let send_buffer = 2 * u64::from(flow.to.send_buffer.load(Ordering::Acquire));
-        let queued = || sys::unacked_or_unsent(&flow.to.stream).map_err(FlowError::Destination);
-        if queued()? < throttle_from(send_buffer) {
+        if flow.ledger.queued_at_join < throttle_from(send_buffer) {
             return Ok(None);
         }
+        let queued = || sys::unacked_or_unsent(&flow.to.stream).map_err(FlowError::Destination);
         sys::set_receive_buffer(&flow.from.stream, 1).map_err(FlowError::Source)?;
         let mut delay = BACKLOG_POLL.0;
         let events = loop {

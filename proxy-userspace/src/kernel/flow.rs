@@ -79,6 +79,9 @@ pub(super) struct FlowLedger {
     pub budget: AtomicU64,
     /// Where the destination's drain rate since the flow's last check is measured from.
     pub checked: DrainMark,
+    /// What userspace had left in the destination's write queue when the flow joined the
+    /// kernel (auto's warm-up): a flow the kernel took at once finds nothing there.
+    pub queued_at_join: u64,
 }
 
 impl FlowLedger {
@@ -91,6 +94,7 @@ impl FlowLedger {
         Self {
             budget: AtomicU64::new(budget),
             checked: DrainMark::new(destination.acked),
+            queued_at_join: destination.queued.saturating_sub(destination.acked),
             label,
             unread_from,
             moved: AtomicU64::new(0),
