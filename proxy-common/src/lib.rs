@@ -38,6 +38,19 @@ pub const fn hard_limit(limit: u64) -> u64 {
     limit.wrapping_mul(4)
 }
 
+/// The bound at which the program detaches a flow whose own backlog limit is `limit`, below
+/// the global one, while nothing redirected towards its source waits in that socket's
+/// psock: its kept bytes are then charged to the source's receive buffer, so TCP bounds
+/// them at one window. A flow at the global limit drains fast, and its bound swings by
+/// megabytes between checks with nothing slow behind it. A sender
+/// that outruns userspace's answer to the flow's check (many at once at loopback speed)
+/// would otherwise push up to the [`hard_limit`] into the redirect queue, charged to no
+/// socket. Where bytes do wait in that psock, kept ones queue behind them uncharged (see
+/// [`KEPT_LIMIT`]), and only the [`hard_limit`] of the global limit applies.
+pub const fn flow_hard_limit(limit: u64) -> u64 {
+    limit.wrapping_mul(2)
+}
+
 /// The measured backlog from which userspace throttles the sender (cuts its receive
 /// buffer), for a backlog limit of `limit`.
 pub const fn throttle_from(limit: u64) -> u64 {
@@ -74,7 +87,7 @@ pub struct FlowState {
     /// `bpf_ktime_get_coarse_ns()` when the last byte arrived.
     pub last_active_ns: u64,
     /// Non-zero while the flow is detached: a redirect failed (peer not in the map) or the
-    /// backlog bound reached [`hard_limit`]. Every byte is then kept for userspace, which
+    /// backlog bound reached [`hard_limit`] or [`flow_hard_limit`]. Every byte is then kept for userspace, which
     /// moves it on in order; the flow redirects again at the first segment after userspace
     /// has moved every kept byte ([`FlowControl::passed_moved`]).
     pub detached: u32,
@@ -147,7 +160,7 @@ pub struct FlowControl {
     pub outside_map: u32,
     /// This flow's backlog limit, which userspace sizes to its destination's drain rate;
     /// 0 for [`GLOBAL_BACKLOG_LIMIT`]. It decides when the program asks for a check and
-    /// when a detached flow may resume; the hard limit stays the global's.
+    /// when a detached flow may resume, and gives the flow its [`flow_hard_limit`].
     pub backlog_limit: u32,
 }
 

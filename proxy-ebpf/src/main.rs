@@ -7,7 +7,8 @@
 //! the sending socket's receive buffer, which closes the sender's TCP window, until it
 //! drains. The program reads no socket internals, so it needs only CAP_BPF and CAP_NET_ADMIN.
 //! If the peer is not in the map, or the bound passes a hard cap because userspace was
-//! too slow, the flow *detaches*: every byte from then on stays on the receiving socket
+//! too slow (the flow's own, scaled to its budget, when nothing waits to go the other way),
+//! the flow *detaches*: every byte from then on stays on the receiving socket
 //! (SK_PASS), where TCP's own accounting bounds it, for userspace to move. Once userspace
 //! has moved every byte kept (it says how many) and the destination has caught up, the
 //! next segment resumes the redirect.
@@ -34,7 +35,7 @@ use aya_log_ebpf::{debug, warn};
 use proxy_common::{
     DEFAULT_BACKLOG_LIMIT, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, FLOW_BROKEN,
     FLOW_OVER_KEPT_LIMIT, FlowControl, FlowState, KEPT_LIMIT, SEQ_TRACKED, SEQ_UNKNOWN,
-    flow_stopped, hard_limit,
+    flow_hard_limit, flow_stopped, hard_limit,
 };
 
 #[map]
@@ -129,8 +130,7 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
     // SAFETY: a read-only global.
     let global_limit = unsafe { ptr::read_volatile(&FLOW_BACKLOG_LIMIT) };
     // The flow's own limit, sized by userspace to its destination's drain rate, asks for
-    // checks; the hard limit stays the global one's. Detaching is for a relay that cannot
-    // answer in time, and a detached flow whose peer also backs up holds more, not less.
+    // checks.
     let limit = match control.backlog_limit {
         0 => global_limit,
         per_flow => u64::from(per_flow),
@@ -173,6 +173,16 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
         // depend on userspace. The flow resumes once userspace has moved what was kept.
         return Ok(detach(ctx, cookie, flow, len, "its backlog bound passed the hard limit"));
     }
+    if limit < global_limit
+        && backlog_bound >= flow_hard_limit(limit)
+        && nothing_queued_for(control.peer_cookie)
+    {
+        // The sender outran userspace's answer to this flow's check. Kept bytes are charged
+        // to the source's receive buffer, so TCP stops the sender within a window. A flow
+        // at the global budget drains fast: its bound swings by megabytes between checks
+        // with nobody behind, and the global hard limit allows for that.
+        return Ok(detach(ctx, cookie, flow, len, "its backlog bound passed its own hard limit"));
+    }
     if backlog_bound >= limit && flow.checks_requested == control.checks_done {
         // Once per request: userspace answers by publishing a new checkpoint.
         flow.checks_requested = flow.checks_requested.wrapping_add(1);
@@ -185,6 +195,20 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
     }
     flow.redirected_bytes += len;
     Ok(verdict)
+}
+
+/// Whether nothing redirected towards this flow's source can be waiting in the source's
+/// psock queue: the reverse flow (keyed by `peer_cookie`, its source) bounds its backlog at
+/// zero. Read without that flow's socket lock, so the answer can be a moment late: kept
+/// bytes that do find a backlog wait uncharged, and [`KEPT_LIMIT`] bounds them.
+fn nothing_queued_for(peer_cookie: u64) -> bool {
+    // SAFETY: read-only views of map values, which live until deleted.
+    let (Some(reverse), Some(control)) = (unsafe { RELAY_FLOWS.get(peer_cookie) }, unsafe {
+        RELAY_CONTROLS.get(peer_cookie)
+    }) else {
+        return false;
+    };
+    reverse.redirected_bytes <= control.checkpoint_bytes
 }
 
 /// TCP queues a retransmitted segment that overlaps bytes already received as it came, and
