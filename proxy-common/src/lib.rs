@@ -38,15 +38,15 @@ pub const fn hard_limit(limit: u64) -> u64 {
     limit.wrapping_mul(4)
 }
 
-/// The bound at which the program detaches a flow whose own backlog limit is `limit`, below
-/// the global one, while nothing redirected towards its source waits in that socket's
-/// psock: its kept bytes are then charged to the source's receive buffer, so TCP bounds
-/// them at one window. A flow at the global limit drains fast, and its bound swings by
+/// The bound at which the program detaches an upstream's flow whose own backlog limit is `limit`, below
+/// the global one, while the other direction has carried nothing since the connection
+/// joined the kernel: nothing can then wait in the source's psock to go out of it, so its
+/// kept bytes are charged to the source's receive buffer, and TCP bounds them at one window. A flow at the global limit drains fast, and its bound swings by
 /// megabytes between checks with nothing slow behind it. A sender
 /// that outruns userspace's answer to the flow's check (many at once at loopback speed)
 /// would otherwise push up to the [`hard_limit`] into the redirect queue, charged to no
-/// socket. Where bytes do wait in that psock, kept ones queue behind them uncharged (see
-/// [`KEPT_LIMIT`]), and only the [`hard_limit`] of the global limit applies.
+/// socket. Where bytes can wait in that psock, kept ones would queue behind them uncharged
+/// (see [`KEPT_LIMIT`]), and only the [`hard_limit`] of the global limit applies.
 pub const fn flow_hard_limit(limit: u64) -> u64 {
     limit.wrapping_mul(2)
 }
@@ -131,8 +131,8 @@ pub const fn flow_stopped(seq_state: u32) -> bool {
 }
 
 /// What userspace tells the program about one flow. Written only by userspace; the fields
-/// after `passed_moved`, and the ports, are for people (`ebpf-proxy flows`, bpftool), and
-/// the program ignores them.
+/// after `passed_moved`, and the client's port, are for people (`ebpf-proxy flows`,
+/// bpftool), and the program ignores them; the listener port tells it the client's flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowControl {
@@ -144,7 +144,8 @@ pub struct FlowControl {
     /// The [`FlowState::checks_requested`] value userspace last answered.
     pub checks_done: u32,
     /// For the client's flow (client to upstream), the port of the listener the client
-    /// came in on; 0 for the upstream's flow. So the two flows of a connection tell apart.
+    /// came in on; 0 for the upstream's flow. So the two flows of a connection tell apart,
+    /// for people and for the program ([`flow_hard_limit`] is for the upstream's flow).
     pub listener_port: u16,
     /// The client's port, when the relay logs client addresses (`--log-clients`); else 0.
     pub client_port: u16,

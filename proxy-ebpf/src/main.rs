@@ -7,7 +7,7 @@
 //! the sending socket's receive buffer, which closes the sender's TCP window, until it
 //! drains. The program reads no socket internals, so it needs only CAP_BPF and CAP_NET_ADMIN.
 //! If the peer is not in the map, or the bound passes a hard cap because userspace was
-//! too slow (the flow's own, scaled to its budget, when nothing waits to go the other way),
+//! too slow (the flow's own, scaled to its budget, when nothing went the other way),
 //! the flow *detaches*: every byte from then on stays on the receiving socket
 //! (SK_PASS), where TCP's own accounting bounds it, for userspace to move. Once userspace
 //! has moved every byte kept (it says how many) and the destination has caught up, the
@@ -173,14 +173,18 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
         // depend on userspace. The flow resumes once userspace has moved what was kept.
         return Ok(detach(ctx, cookie, flow, len, "its backlog bound passed the hard limit"));
     }
-    if limit < global_limit
+    if control.listener_port == 0
+        && limit < global_limit
         && backlog_bound >= flow_hard_limit(limit)
-        && nothing_queued_for(control.peer_cookie)
+        && reverse_carried_nothing(control.peer_cookie)
     {
-        // The sender outran userspace's answer to this flow's check. Kept bytes are charged
+        // An upstream outran userspace's answer to this flow's check. Kept bytes are charged
         // to the source's receive buffer, so TCP stops the sender within a window. A flow
         // at the global budget drains fast: its bound swings by megabytes between checks
-        // with nobody behind, and the global hard limit allows for that.
+        // with nobody behind, and the global hard limit allows for that. Only the
+        // upstream's flow: a client's flow detached before its echo came back would find
+        // that echo queued in the client's psock, behind which its kept bytes wait
+        // uncharged.
         return Ok(detach(ctx, cookie, flow, len, "its backlog bound passed its own hard limit"));
     }
     if backlog_bound >= limit && flow.checks_requested == control.checks_done {
@@ -197,18 +201,15 @@ fn try_relay_verdict(ctx: &SkBuffContext) -> Result<u32, ()> {
     Ok(verdict)
 }
 
-/// Whether nothing redirected towards this flow's source can be waiting in the source's
-/// psock queue: the reverse flow (keyed by `peer_cookie`, its source) bounds its backlog at
-/// zero. Read without that flow's socket lock, so the answer can be a moment late: kept
-/// bytes that do find a backlog wait uncharged, and [`KEPT_LIMIT`] bounds them.
-fn nothing_queued_for(peer_cookie: u64) -> bool {
-    // SAFETY: read-only views of map values, which live until deleted.
-    let (Some(reverse), Some(control)) = (unsafe { RELAY_FLOWS.get(peer_cookie) }, unsafe {
-        RELAY_CONTROLS.get(peer_cookie)
-    }) else {
-        return false;
-    };
-    reverse.redirected_bytes <= control.checkpoint_bytes
+/// Whether the reverse flow (keyed by `peer_cookie`, this flow's destination) has carried
+/// nothing since the connection joined the kernel, so nothing can wait in this flow's
+/// source's psock to go out of it. A reverse flow idle for now is not enough: a never-reader
+/// sends again once its echo has room, and a flow detached meanwhile would keep its bytes
+/// behind that backlog, charged to no buffer, until [`KEPT_LIMIT`].
+fn reverse_carried_nothing(peer_cookie: u64) -> bool {
+    // SAFETY: a read-only view of a map value, which lives until deleted.
+    unsafe { RELAY_FLOWS.get(peer_cookie) }
+        .is_some_and(|reverse| reverse.redirected_bytes == 0 && reverse.passed_bytes == 0)
 }
 
 /// TCP queues a retransmitted segment that overlaps bytes already received as it came, and
