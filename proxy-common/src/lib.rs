@@ -38,15 +38,16 @@ pub const fn hard_limit(limit: u64) -> u64 {
     limit.wrapping_mul(4)
 }
 
-/// The bound at which the program detaches an upstream's flow whose own backlog limit is `limit`, below
-/// the global one, while the other direction has carried nothing since the connection
-/// joined the kernel: nothing can then wait in the source's psock to go out of it, so its
-/// kept bytes are charged to the source's receive buffer, and TCP bounds them at one window. A flow at the global limit drains fast, and its bound swings by
-/// megabytes between checks with nothing slow behind it. A sender
-/// that outruns userspace's answer to the flow's check (many at once at loopback speed)
-/// would otherwise push up to the [`hard_limit`] into the redirect queue, charged to no
-/// socket. Where bytes can wait in that psock, kept ones would queue behind them uncharged
-/// (see [`KEPT_LIMIT`]), and only the [`hard_limit`] of the global limit applies.
+/// The bound at which the program detaches an upstream's flow whose own backlog limit,
+/// `limit`, is below the global one, while the other direction has carried nothing since
+/// the connection joined the kernel: nothing can then wait in the source's psock to go
+/// out of it, so the kept bytes are charged to the source's receive buffer and TCP bounds
+/// them at one window. A sender that outruns userspace's answer to the flow's check (many
+/// at once at loopback speed) would otherwise push up to the [`hard_limit`] into the
+/// redirect queue, charged to no socket. A flow at the global limit drains fast, and its
+/// bound swings by megabytes between checks with nothing slow behind it. Where bytes can
+/// wait in that psock, kept ones would queue behind them uncharged (see [`KEPT_LIMIT`]),
+/// and only the [`hard_limit`] of the global limit applies.
 pub const fn flow_hard_limit(limit: u64) -> u64 {
     limit.wrapping_mul(2)
 }
@@ -87,9 +88,9 @@ pub struct FlowState {
     /// `bpf_ktime_get_coarse_ns()` when the last byte arrived.
     pub last_active_ns: u64,
     /// Non-zero while the flow is detached: a redirect failed (peer not in the map) or the
-    /// backlog bound reached [`hard_limit`] or [`flow_hard_limit`]. Every byte is then kept for userspace, which
-    /// moves it on in order; the flow redirects again at the first segment after userspace
-    /// has moved every kept byte ([`FlowControl::passed_moved`]).
+    /// backlog bound reached [`hard_limit`] or [`flow_hard_limit`]. Every byte is then kept
+    /// for userspace, which moves it on in order; the flow redirects again at the first
+    /// segment after userspace has moved every kept byte ([`FlowControl::passed_moved`]).
     pub detached: u32,
     /// How many times the program asked userspace to measure the peer's backlog (when its
     /// bound reached [`GLOBAL_BACKLOG_LIMIT`]). While this differs from
