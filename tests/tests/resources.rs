@@ -93,7 +93,9 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
         thread::sleep(Duration::from_millis(125));
     }
     reset(client);
-    let detached = metric(&relay.scrape(), "kernel_detached_total", &[]);
+    let scrape = relay.scrape();
+    let detached = metric(&scrape, "kernel_detached_total", &[]);
+    let resumed = metric(&scrape, "kernel_resumed_total", &[]);
     let pushed = upstream
         .next_result(Duration::from_secs(30))
         .expect("upstream push")
@@ -101,7 +103,7 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
     let at_end = during.split_off(during.len().saturating_sub(16));
     let grew_mib = before.saturating_sub(median(at_end)) / 1024;
     eprintln!(
-        "{plane:?}: read {} KiB; upstream pushed {} MiB; available memory fell by {grew_mib} MiB; relay RSS peaked at {} MiB; the relay's client socket had a send buffer of up to {} KiB; {detached} directions left the kernel",
+        "{plane:?}: read {} KiB; upstream pushed {} MiB; available memory fell by {grew_mib} MiB; relay RSS peaked at {} MiB; the relay's client socket had a send buffer of up to {} KiB; {detached} directions left the kernel, {resumed} came back",
         read >> 10,
         pushed >> 20,
         highest_rss >> 10,
@@ -113,9 +115,14 @@ pub fn slow_reader_memory_is_bounded(plane: Plane) {
         highest_rss >> 10
     );
     if plane.uses_kernel() {
-        // Throttling holds the sender back, so the flow stays in the kernel: detaching is
-        // for a relay that could not keep up, not for a slow destination.
-        assert_eq!(detached, 0, "{plane:?}: a direction left the kernel");
+        // Throttling holds the sender back once userspace has answered the flow's first
+        // check. Before that, an upstream pushing at loopback speed may pass the flow's own
+        // hard limit, and the program detaches it (proxy_common::flow_hard_limit); userspace
+        // then moves it at the client's pace. Once at most: a detached flow does not flap.
+        assert!(
+            detached <= 1,
+            "{plane:?}: the direction left the kernel {detached} times"
+        );
     }
     if plane == Plane::Kernel {
         // Send buffers grow only for destinations that drain fast; this one never did.
