@@ -107,7 +107,22 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn start(behaviour: Behaviour) -> Self {
+        Self::serve_on(
+            TcpListener::bind("127.0.0.1:0").expect("bind test upstream"),
+            behaviour,
+        )
+    }
+
+    /// An upstream whose connections have `bytes` of socket buffer each way, fixed (as
+    /// [`lock_buffers`] does), so that what it holds itself stays small.
+    pub fn start_with_buffers(behaviour: Behaviour, bytes: usize) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind test upstream");
+        // Accepted sockets inherit the listener's buffer sizes and their locks.
+        lock_buffers(&listener, bytes);
+        Self::serve_on(listener, behaviour)
+    }
+
+    fn serve_on(listener: TcpListener, behaviour: Behaviour) -> Self {
         let addr = listener.local_addr().expect("upstream address");
         let (tx, received) = mpsc::channel();
         thread::spawn(move || {
@@ -189,6 +204,16 @@ fn serve(mut stream: TcpStream, behaviour: Behaviour) -> io::Result<Received> {
             reset(stream);
             Ok(Received::of(&buf))
         }
+    }
+}
+
+/// Fixes a socket's receive and send buffers at `bytes` (the kernel doubles it for its
+/// overhead), which also turns off their autotuning.
+pub fn lock_buffers(socket: &impl std::os::fd::AsRawFd, bytes: usize) {
+    let value = libc::c_int::try_from(bytes).expect("a buffer size that fits an int");
+    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        crate::raw::set_int_option(socket, libc::SOL_SOCKET, option, value)
+            .expect("setting a socket buffer");
     }
 }
 

@@ -119,11 +119,21 @@ const TCP_RECV_QUEUE: libc::c_int = 1;
 const TCP_SEND_QUEUE: libc::c_int = 2;
 
 fn set_tcp_option(fd: &impl AsRawFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    set_int_option(fd, libc::IPPROTO_TCP, option, value)
+}
+
+/// setsockopt(2) of an int-valued option.
+pub fn set_int_option(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: value is a c_int of the length passed.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
+            level,
             option,
             std::ptr::from_ref(&value).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
