@@ -87,7 +87,8 @@ impl Path {
 /// Clients being held, released on drop.
 struct Held {
     stop: Arc<AtomicBool>,
-    readers: Vec<JoinHandle<()>>,
+    /// The clients' threads: slow readers read, never-readers push.
+    threads: Vec<JoinHandle<()>>,
     never_readers: Vec<TcpStream>,
     /// Never-readers still sending at [`HOLD_WITHIN`].
     unheld: usize,
@@ -100,8 +101,8 @@ impl Drop for Held {
         for stream in &self.never_readers {
             let _ = stream.shutdown(Shutdown::Both);
         }
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
         }
     }
 }
@@ -124,7 +125,7 @@ fn hold(kind: Kind, addr: SocketAddr) -> Held {
             thread::sleep(READ_FOR);
             Held {
                 stop,
-                readers,
+                threads: readers,
                 never_readers: Vec::new(),
                 unheld: 0,
             }
@@ -156,7 +157,7 @@ fn hold(kind: Kind, addr: SocketAddr) -> Held {
                 .count();
             Held {
                 stop,
-                readers: pushers,
+                threads: pushers,
                 never_readers: streams,
                 unheld: NEVER_READERS - held,
             }
