@@ -37,6 +37,15 @@ pub(super) struct Backlog {
     redirected: u64,
     backlog: u64,
     acked: u64,
+    /// The destination's write queue (SIOCOUTQ).
+    queued: u64,
+}
+
+impl Backlog {
+    /// Everything that waits for the destination: its redirect backlog and write queue.
+    fn waiting(&self) -> u64 {
+        self.backlog + self.queued
+    }
 }
 
 impl KernelConnection<'_> {
@@ -52,7 +61,7 @@ impl KernelConnection<'_> {
         let mut measured = self.peer_backlog(flow)?;
         // By its drain rate first, then its backlog: a fast destination's backlog swings by
         // megabytes while the redirect worker waits out a jiffy.
-        let resized = self.follow_drain_rate(flow, measured.acked)?;
+        let resized = self.follow_drain_rate(flow, &measured)?;
         if measured.backlog >= throttle_from(flow.ledger.budget()) {
             // Cuts the sender's receive buffer, then restores it to the new budget.
             measured = self.throttle(flow).await?;
@@ -131,8 +140,8 @@ impl KernelConnection<'_> {
     /// Sizes the flow's budget and its destination's send buffer by what the destination
     /// drained since the last check. Returns whether the budget changed: the sender's
     /// receive buffer is then the caller's to set.
-    fn follow_drain_rate(&self, flow: Flow<'_>, acked: u64) -> Result<bool, FlowError> {
-        let drained = flow.ledger.checked.take(acked);
+    fn follow_drain_rate(&self, flow: Flow<'_>, measured: &Backlog) -> Result<bool, FlowError> {
+        let drained = flow.ledger.checked.take(measured.acked, measured.waiting());
         if self.holding.throttled() {
             return self.hold_least(flow);
         }
@@ -175,12 +184,13 @@ impl KernelConnection<'_> {
     fn peer_backlog(&self, flow: Flow<'_>) -> Result<Backlog, FlowError> {
         let redirected = self.state(flow).redirected_bytes;
         let expected = flow.ledger.peer_userspace.load(Ordering::Acquire) + redirected;
-        let (acked, unacked) =
+        let (acked, queued) =
             sys::acked_and_queued(&flow.to.stream).map_err(FlowError::Destination)?;
         Ok(Backlog {
             redirected,
-            backlog: expected.saturating_sub(acked + unacked),
+            backlog: expected.saturating_sub(acked + queued),
             acked,
+            queued,
         })
     }
 

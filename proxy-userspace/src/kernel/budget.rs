@@ -43,10 +43,11 @@ const SEND_BUFFER_MAX: libc::c_int = 32 << 20;
 /// (twice that) holds many jiffies of retry delay at its own rate.
 const SEND_BUFFER_SPAN: Duration = Duration::from_millis(64);
 
-/// A destination's acknowledged bytes at a moment: where its next drain rate is measured
-/// from.
+/// A destination's acknowledged bytes at a moment, and what waited for it then: where its
+/// next drain rate is measured from.
 pub(super) struct DrainMark {
     acked: AtomicU64,
+    waiting: AtomicU64,
     at_ns: AtomicU64,
 }
 
@@ -55,23 +56,27 @@ pub(super) struct DrainMark {
 pub(super) struct Drained {
     pub bytes: u64,
     pub ns: u64,
+    /// What waited for the destination at the mark (its redirect backlog and write queue).
+    pub waiting: u64,
 }
 
 impl DrainMark {
-    pub fn new(acked: u64) -> Self {
+    pub fn new(acked: u64, waiting: u64) -> Self {
         Self {
             acked: AtomicU64::new(acked),
+            waiting: AtomicU64::new(waiting),
             at_ns: AtomicU64::new(sys::monotonic_ns()),
         }
     }
 
-    /// What drained since the mark, given the destination's acknowledged count now; the
-    /// mark moves here.
-    pub fn take(&self, acked: u64) -> Drained {
+    /// What drained since the mark, given the destination's acknowledged count and what
+    /// waits for it now; the mark moves here.
+    pub fn take(&self, acked: u64, waiting: u64) -> Drained {
         let now = sys::monotonic_ns();
         let ns = now.saturating_sub(self.at_ns.swap(now, Ordering::AcqRel));
         let bytes = acked.saturating_sub(self.acked.swap(acked, Ordering::AcqRel));
-        Drained { bytes, ns }
+        let waiting = self.waiting.swap(waiting, Ordering::AcqRel);
+        Drained { bytes, ns, waiting }
     }
 }
 
@@ -80,6 +85,14 @@ impl Drained {
     fn over(self, span: Duration) -> u64 {
         (u128::from(self.bytes) * span.as_nanos() / u128::from(self.ns.max(1)))
             .min(u128::from(u64::MAX)) as u64
+    }
+
+    /// Whether the destination took everything that waited for it at the mark: part of the
+    /// interval may then have found it with nothing to send (a sender held back, or
+    /// waiting out a zero-window probe), so the rate measures what was supplied, not how
+    /// fast it drains, and is no reason to shrink.
+    fn ran_dry(self) -> bool {
+        self.bytes >= self.waiting
     }
 
     /// What this sample vouches for holding: what its rate moves in `span`, but no more than
@@ -92,14 +105,14 @@ impl Drained {
 
 /// A flow's budget after a check that measured `drained` since the last one: what the
 /// destination drains in [`BUDGET_SPAN`], at most [`BUDGET_GROWTH`] times `budget` or what
-/// drained, at most `most`, and at least [`BUDGET_MIN`]. Only an interval of [`SHRINK_AFTER`] or more may
-/// shrink it.
+/// drained, at most `most`, and at least [`BUDGET_MIN`]. Only an interval of [`SHRINK_AFTER`] or more
+/// in which the destination never ran dry may shrink it.
 pub(super) fn resized_budget(budget: u64, drained: Drained, most: u64) -> u64 {
     let least = BUDGET_MIN.min(most);
     let wanted = drained.supports(BUDGET_SPAN);
     if wanted >= budget {
         wanted.min(budget.saturating_mul(BUDGET_GROWTH)).min(most)
-    } else if drained.ns >= SHRINK_AFTER.as_nanos() as u64 {
+    } else if drained.ns >= SHRINK_AFTER.as_nanos() as u64 && !drained.ran_dry() {
         wanted.max(least)
     } else {
         budget
@@ -116,14 +129,17 @@ pub(super) fn receive_buffer(budget: u64) -> libc::c_int {
 /// `current`: what it drains per [`SEND_BUFFER_SPAN`], within
 /// [`SEND_BUFFER_MIN`]..=[`SEND_BUFFER_MAX`]. Like a budget it grows at most
 /// [`BUDGET_GROWTH`] times over at once; it shrinks only on a clear fall seen over a whole
-/// span, so a noisy rate costs no syscalls.
+/// span in which the destination never ran dry, so a noisy rate costs no syscalls.
 pub(super) fn resized_send_buffer(current: libc::c_int, drained: Drained) -> Option<libc::c_int> {
     let wanted = drained
         .supports(SEND_BUFFER_SPAN)
         .clamp(SEND_BUFFER_MIN as u64, SEND_BUFFER_MAX as u64) as libc::c_int;
     if wanted > current {
         Some(wanted.min(current.saturating_mul(BUDGET_GROWTH as libc::c_int)))
-    } else if wanted < current / 2 && drained.ns >= SEND_BUFFER_SPAN.as_nanos() as u64 {
+    } else if wanted < current / 2
+        && drained.ns >= SEND_BUFFER_SPAN.as_nanos() as u64
+        && !drained.ran_dry()
+    {
         Some(wanted)
     } else {
         None
@@ -138,8 +154,22 @@ mod tests {
     const SPAN_NS: u64 = SEND_BUFFER_SPAN.as_nanos() as u64;
     const MOST: u64 = 16 << 20;
 
+    /// A sample from a destination that had more waiting for it than it drained.
     fn drained(bytes: u64, ns: u64) -> Drained {
-        Drained { bytes, ns }
+        Drained {
+            bytes,
+            ns,
+            waiting: u64::MAX,
+        }
+    }
+
+    /// A sample from a destination that took everything that waited for it.
+    fn ran_dry(bytes: u64, ns: u64) -> Drained {
+        Drained {
+            bytes,
+            ns,
+            waiting: bytes,
+        }
     }
 
     #[test]
@@ -182,6 +212,18 @@ mod tests {
             resized_budget(4 << 20, drained(0, SECOND), MOST),
             BUDGET_MIN
         );
+    }
+
+    #[test]
+    fn a_destination_that_ran_dry_keeps_its_budget_and_send_buffer() {
+        // A fast destination whose sender waited out a zero-window probe: it took all it
+        // had in the first millisecond, then nothing came for 200 ms.
+        let starved = ran_dry(800 << 10, SECOND / 5);
+        assert_eq!(resized_budget(4 << 20, starved, MOST), 4 << 20);
+        assert_eq!(resized_send_buffer(SEND_BUFFER_MAX, starved), None);
+        // It may still grow on what it did drain.
+        let quick = ran_dry(4 << 20, SECOND / 1000);
+        assert_eq!(resized_budget(BUDGET_START, quick, MOST), 4 << 20);
     }
 
     #[test]

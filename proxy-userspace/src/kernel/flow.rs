@@ -91,10 +91,11 @@ impl FlowLedger {
         destination: &Prepared,
         budget: u64,
     ) -> Self {
+        let queued_at_join = destination.queued.saturating_sub(destination.acked);
         Self {
             budget: AtomicU64::new(budget),
-            checked: DrainMark::new(destination.acked),
-            queued_at_join: destination.queued.saturating_sub(destination.acked),
+            checked: DrainMark::new(destination.acked, queued_at_join),
+            queued_at_join,
             label,
             unread_from,
             moved: AtomicU64::new(0),
