@@ -132,6 +132,18 @@ pub fn set_window_clamp(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()>
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, &bytes)
 }
 
+/// Sends an ACK the socket has scheduled now, carrying the window as it is now
+/// (TCP_QUICKACK: tcp_cleanup_rbuf, which acks at once when the window has at least
+/// doubled). Leaves delayed-ACK mode as the kernel would after a quick ACK.
+pub fn push_scheduled_ack(fd: &impl AsRawFd) -> io::Result<()> {
+    setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_QUICKACK,
+        &1 as &libc::c_int,
+    )
+}
+
 /// The TCP_WINDOW_CLAMP in force.
 #[cfg(test)]
 pub fn window_clamp(fd: &impl AsRawFd) -> io::Result<libc::c_int> {

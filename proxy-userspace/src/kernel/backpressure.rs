@@ -264,11 +264,14 @@ pub(super) fn hold_sender(stream: &TcpStream) -> io::Result<u32> {
 /// length-to-truesize ratio, sets the clamp to the window of the buffer at that moment
 /// (net/ipv4/tcp_input.c, tcp_measure_rcv_mss), and a larger SO_RCVBUF later does not raise
 /// it. Pinned at a cut buffer's window, below one MSS, the sender's segments never grow past
-/// it again and the connection crawls for good.
+/// it again and the connection crawls for good. A larger buffer sends no window update of
+/// its own: a sender left with less than one segment of window waits for its zero-window
+/// probe (about 200 ms), so an ACK still scheduled goes out now with the reopened window.
 pub(super) fn restore_receive_buffer(stream: &TcpStream, budget: u64) -> io::Result<()> {
     let buffer = receive_buffer(budget);
     sys::set_receive_buffer(stream, buffer)?;
-    sys::set_window_clamp(stream, buffer.saturating_mul(2))
+    sys::set_window_clamp(stream, buffer.saturating_mul(2))?;
+    sys::push_scheduled_ack(stream)
 }
 
 #[cfg(test)]
