@@ -81,6 +81,7 @@ cases!([kernel, auto, splice, copy] =>
     parity::half_closed_timeout_ends_a_one_sided_connection,
     parity::half_closed_timeout_spares_a_direction_still_moving,
     parity::a_client_that_stops_reading_is_closed_when_idle,
+    parity::a_never_reader_to_an_echo_is_closed_when_idle,
     probing::probes_get_the_fallback_site_and_whatsapp_clients_their_pool,
     soak::soak_keeps_every_byte_and_leaks_nothing,
 );

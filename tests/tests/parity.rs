@@ -3,7 +3,7 @@
 //! limits, metrics and the configuration commands.
 
 use std::{
-    io::{Read, Write},
+    io::{self, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpStream},
     process::Command,
     thread,
@@ -670,6 +670,75 @@ pub fn a_client_that_stops_reading_is_closed_when_idle(plane: integration_tests:
         pushed.len < 1 << 30,
         "{plane:?}: the relay took all {} bytes from the upstream",
         pushed.len
+    );
+}
+
+/// A client that sends to an echo and never reads is closed after the idle timeout, on
+/// every plane. With small buffers at both ends, kernel mode lets the echo take a trickle
+/// (a small window at each zero-window probe, docs/reliability.md) while the client takes
+/// nothing: idle counts how long a peer with bytes waiting for it has taken none. Thirty at
+/// once, and a timeout of seconds: before that rule, 5 of 30 still trickled after 30 s,
+/// while one alone, or a 1 s timeout, was held and cut like the others.
+pub fn a_never_reader_to_an_echo_is_closed_when_idle(plane: integration_tests::Plane) {
+    const ENDS: usize = 64 << 10;
+    const NEVER_READERS: usize = 30;
+    const WITHIN: Duration = Duration::from_secs(30);
+    let echo = integration_tests::Upstream::start_with_buffers(
+        integration_tests::Behaviour::EchoBy(ENDS),
+        ENDS,
+    );
+    let Some(relay) = plane_relay(
+        plane,
+        &echo.relay_target(),
+        &["--idle-timeout", "5s", "--metrics", "127.0.0.1:0"],
+    ) else {
+        return;
+    };
+    let (ended, ending) = std::sync::mpsc::channel();
+    for _ in 0..NEVER_READERS {
+        let mut client = TcpStream::connect(relay.addr).unwrap();
+        integration_tests::lock_buffers(&client, ENDS);
+        client
+            .set_write_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let ended = ended.clone();
+        thread::spawn(move || {
+            let (chunk, mut sent) = (vec![7u8; ENDS], 0usize);
+            let error = loop {
+                match client.write(&chunk) {
+                    Ok(n) => sent += n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => break e,
+                }
+            };
+            let _ = ended.send((sent, error));
+        });
+    }
+    let started = Instant::now();
+    for n in 0..NEVER_READERS {
+        let (sent, error) = ending
+            .recv_timeout(WITHIN.saturating_sub(started.elapsed()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{plane:?}: {} never-readers still sending after {WITHIN:?}",
+                    NEVER_READERS - n
+                )
+            });
+        assert!(sent > 0, "{plane:?}: nothing was relayed ({error})");
+    }
+    eprintln!(
+        "{plane:?}: {NEVER_READERS} never-readers ended in {:?}",
+        started.elapsed()
+    );
+    let text = relay.scrape();
+    assert_eq!(
+        metric(&text, "connections_timed_out_total", &[("reason", "idle")]),
+        NEVER_READERS as u64,
+        "{plane:?}: idle timeouts"
     );
 }
 

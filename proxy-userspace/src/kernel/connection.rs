@@ -7,7 +7,8 @@
 //! - redirects ignore the peer's send buffer: the program asks for checks, and userspace
 //!   throttles the sender and sizes the peer's send buffer (`backpressure.rs`);
 //! - a detached flow keeps its bytes on the receiving socket; userspace moves them, behind
-//!   the peer's redirect backlog, until the program redirects again (`detached.rs`).
+//!   the peer's redirect backlog, until the program redirects again (`detached.rs`);
+//! - idle is read off the peers' acknowledgements (`idle.rs`).
 
 use std::{
     io,
@@ -28,6 +29,7 @@ use super::{
     backpressure::restore_receive_buffer,
     budget::{SEND_BUFFER_START, receive_buffer},
     flow::{Flow, FlowLabel, FlowLedger, Socket},
+    idle::{Deliveries, PeerLook},
 };
 use crate::{
     memory::Holding,
@@ -370,13 +372,19 @@ impl KernelConnection<'_> {
 
     async fn run(self, supervision: &Supervision) -> Result<Transfer, ConnectionError> {
         let mut watchdog = Watchdog::new(supervision);
-        let mut deliveries = Deliveries::default();
+        let mut deliveries = Deliveries::new(Instant::now());
         let flows = Flows {
             to_upstream: self.run_flow(self.flow(Direction::ClientToUpstream)),
             to_client: self.run_flow(self.flow(Direction::UpstreamToClient)),
         };
         let measure = || {
-            let idle_for = deliveries.idle_for(&self.client.stream, &self.upstream.stream);
+            // A socket that cannot say is failing; its flow reports the error.
+            let idle_for = match (look(&self.client.stream), look(&self.upstream.stream)) {
+                (Ok(client), Ok(upstream)) => {
+                    deliveries.idle_for([client, upstream], Instant::now())
+                }
+                _ => Duration::ZERO,
+            };
             (self.activity().transfer, Some(idle_for))
         };
         let result = drive_both(flows, &mut watchdog, measure, |()| true, None).await;
@@ -439,35 +447,10 @@ struct Activity {
     resumed: u64,
 }
 
-/// When a peer last acknowledged a byte the relay sent it: what idle means in kernel mode.
-/// The program's counts (and its `last_active_ns`) say what arrived and was handed to the
-/// other socket's queue; a client that stops reading still has bytes trickling into that
-/// queue, but takes none, as the userspace planes' stalled writes show.
-struct Deliveries {
-    acked: (u64, u64),
-    since: Instant,
-}
-
-impl Default for Deliveries {
-    fn default() -> Self {
-        Self {
-            acked: (0, 0),
-            since: Instant::now(),
-        }
-    }
-}
-
-impl Deliveries {
-    fn idle_for(&mut self, client: &TcpStream, upstream: &TcpStream) -> Duration {
-        let acked = |stream| sys::tcp_info(stream).map(|info| info.bytes_acked);
-        let (Ok(client), Ok(upstream)) = (acked(client), acked(upstream)) else {
-            // A socket that cannot say is failing; its flow reports the error.
-            return Duration::ZERO;
-        };
-        if (client, upstream) != self.acked {
-            self.acked = (client, upstream);
-            self.since = Instant::now();
-        }
-        self.since.elapsed()
-    }
+/// What `stream`'s peer has acknowledged, and whether bytes wait for it.
+fn look(stream: &TcpStream) -> io::Result<PeerLook> {
+    Ok(PeerLook {
+        acked: sys::tcp_info(stream)?.bytes_acked,
+        waiting: sys::unacked_or_unsent(stream)? > 0,
+    })
 }

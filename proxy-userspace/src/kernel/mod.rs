@@ -8,6 +8,7 @@ mod budget;
 mod connection;
 mod detached;
 mod flow;
+mod idle;
 mod maps;
 mod program_log;
 mod watcher;
