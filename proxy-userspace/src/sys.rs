@@ -136,12 +136,8 @@ pub fn set_window_clamp(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()>
 /// (TCP_QUICKACK: tcp_cleanup_rbuf, which acks at once when the window has at least
 /// doubled). Leaves delayed-ACK mode as the kernel would after a quick ACK.
 pub fn push_scheduled_ack(fd: &impl AsRawFd) -> io::Result<()> {
-    setsockopt(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_QUICKACK,
-        &1 as &libc::c_int,
-    )
+    let on: libc::c_int = 1;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, &on)
 }
 
 /// The TCP_WINDOW_CLAMP in force.
