@@ -193,9 +193,10 @@ impl Pool {
         for server in self.servers.iter().filter(|s| s.addrs().is_empty()) {
             match resolve(&server.upstream, &self.pins).await {
                 Ok(addrs) => {
-                    info!("upstream {} resolves now, to {addrs:?}", server.upstream);
-                    *server.addrs.lock().unwrap_or_else(|e| e.into_inner()) = addrs;
+                    *server.addrs.lock().unwrap_or_else(|e| e.into_inner()) = addrs.clone();
                     server.set_up(&self.name, true, &"");
+                    // Said once the server takes clients, so the line can be acted on.
+                    info!("upstream {} resolves now, to {addrs:?}", server.upstream);
                 }
                 Err(e) => debug!("{e}; retrying"),
             }
