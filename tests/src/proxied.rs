@@ -135,6 +135,17 @@ pub fn connect_from(source: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
     crate::raw::connect_from_v4(source, to)
 }
 
+/// `connected`, or `None` when the handshake itself was reset. On loopback a relay that
+/// accepts and resets at once can do so before the connecting thread wakes, and `connect`
+/// then fails with ECONNRESET: the connection was made and closed. Other errors panic.
+pub fn unless_reset(connected: io::Result<TcpStream>) -> Option<TcpStream> {
+    match connected {
+        Ok(stream) => Some(stream),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => None,
+        Err(e) => panic!("connect: {e}"),
+    }
+}
+
 /// True when the peer closed or reset the connection, rather than leaving it open:
 /// a read returns EOF or an error within `within`.
 pub fn closed_by_peer(stream: &mut TcpStream, within: Duration) -> bool {
