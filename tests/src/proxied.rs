@@ -12,7 +12,7 @@ use std::{
         mpsc,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use rustls::{
@@ -144,6 +144,26 @@ pub fn unless_reset(connected: io::Result<TcpStream>) -> Option<TcpStream> {
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => None,
         Err(e) => panic!("connect: {e}"),
     }
+}
+
+/// A client of `relay` is closed (EOF or reset, no bytes) within `within`; returns how soon.
+pub fn assert_turned_away(relay: SocketAddr, within: Duration) -> Duration {
+    let started = Instant::now();
+    let Some(mut client) = unless_reset(TcpStream::connect(relay)) else {
+        return started.elapsed();
+    };
+    client
+        .set_read_timeout(Some(within + Duration::from_secs(2)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the relay to close the client, got {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(took <= within, "closed only after {took:?}");
+    took
 }
 
 /// True when the peer closed or reset the connection, rather than leaving it open:
